@@ -1,0 +1,1 @@
+"""The `migrate` command: moves running containers between hosts and snapshots them."""

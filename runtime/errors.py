@@ -1,0 +1,53 @@
+"""One error type for everything the user can cause or see; each carries its exit code.
+
+Third-party and OS errors are translated into these where they enter, so the CLI can print
+one line and exit with a meaningful status instead of a traceback.
+"""
+
+
+class MigrateError(Exception):
+    """A failure to report to the user as one line."""
+
+    exit_code = 1
+
+
+class InvalidInput(MigrateError):
+    """Malformed names, options or arguments."""
+
+    exit_code = 2
+
+
+class NotFound(MigrateError):
+    """An unknown container, image, snapshot or host."""
+
+    exit_code = 3
+
+
+class Conflict(MigrateError):
+    """The request clashes with current state: duplicate name, image in use, wrong state."""
+
+    exit_code = 4
+
+
+class ImageError(MigrateError):
+    """An image archive that is corrupt, truncated or malicious."""
+
+    exit_code = 5
+
+
+class CriuError(MigrateError):
+    """CRIU is missing or a dump/restore failed; the message quotes CRIU's own last lines."""
+
+    exit_code = 6
+
+
+class RemoteError(MigrateError):
+    """The other host could not be reached, refused us, or failed a step."""
+
+    exit_code = 7
+
+
+class MigrationFailed(MigrateError):
+    """A migration failed and was rolled back: the container runs on the source again."""
+
+    exit_code = 8

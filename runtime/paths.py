@@ -1,0 +1,53 @@
+"""Where a host's state lives: everything hangs off one root, MIGRATE_ROOT.
+
+Test hosts on one machine get separate roots, so nothing of one host is visible to another.
+"""
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ROOT = Path("/var/lib/migrate")
+
+
+@dataclass(frozen=True)
+class StateRoot:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "StateRoot":
+        return cls(Path(os.environ.get("MIGRATE_ROOT", str(DEFAULT_ROOT))).absolute())
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def layers(self) -> Path:
+        return self.root / "layers"
+
+    @property
+    def containers(self) -> Path:
+        return self.root / "containers"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def container_dir(self, name: str) -> Path:
+        return self.containers / name
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id
+
+    @property
+    def cgroup_parent(self) -> str:
+        """Cgroup folder for this root's containers; unique per root so hosts sharing a kernel never clash."""
+        if self.root == DEFAULT_ROOT:
+            return "migrate"
+        return "migrate-" + hashlib.sha256(str(self.root).encode()).hexdigest()[:10]
