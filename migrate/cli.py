@@ -1,0 +1,212 @@
+"""The `migrate` command: verbs -> calls, errors -> one line and an exit code, results -> tables or JSON."""
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from runtime.container import RunRequest, Runtime
+from runtime.errors import InvalidInput, MigrateError
+from runtime.image_catalog import Images
+from runtime.snapshots import Snapshots
+from runtime.spec import parse_size
+
+from . import output
+
+EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict with current state,
+5 bad image, 6 CRIU failure, 7 remote host failure, 8 migration failed and rolled back"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="migrate",
+        description="Run containers, checkpoint and restore them, and move them live between hosts.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND")
+
+    image = sub.add_parser("image", help="import, list and remove images").add_subparsers(dest="image_verb",
+                                                                                             metavar="ACTION")
+    imp = image.add_parser("import", help="import a docker-archive, oci-archive or OCI layout")
+    imp.add_argument("path", type=Path)
+    imp.add_argument("--name", help="NAME[:TAG] to give the image (default: from the archive)")
+    ils = image.add_parser("ls", help="list images")
+    ils.add_argument("--json", action="store_true")
+    irm = image.add_parser("rm", help="remove an image (refused while a container uses it)")
+    irm.add_argument("name")
+
+    run = sub.add_parser("run", help="start a detached container")
+    run.add_argument("--name", required=True)
+    run.add_argument("--memory", type=parse_size, help="memory limit, e.g. 512m")
+    run.add_argument("--cpus", type=float, help="CPU limit, e.g. 0.5")
+    run.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    run.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CT[:ro]")
+    run.add_argument("-w", "--workdir", metavar="DIR")
+    run.add_argument("image")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+
+    ps = sub.add_parser("ps", help="list containers")
+    ps.add_argument("--json", action="store_true")
+
+    logs = sub.add_parser("logs", help="print a container's output")
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("name")
+
+    ex = sub.add_parser("exec", help="run a command inside a running container")
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    ex.add_argument("name")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+
+    stop = sub.add_parser("stop", help="stop a container: SIGTERM, then SIGKILL")
+    stop.add_argument("-t", "--time", type=float, default=10.0, metavar="SECONDS")
+    stop.add_argument("name")
+
+    rm = sub.add_parser("rm", help="remove a container")
+    rm.add_argument("-f", "--force", action="store_true", help="stop it first if it runs")
+    rm.add_argument("name")
+
+    cp = sub.add_parser("checkpoint", help="snapshot a running container (and stop it)")
+    cp.add_argument("--leave-running", action="store_true")
+    cp.add_argument("--tag")
+    cp.add_argument("--json", action="store_true")
+    cp.add_argument("name")
+
+    sn = sub.add_parser("snapshots", help="list snapshots")
+    sn.add_argument("--json", action="store_true")
+    sn.add_argument("name", nargs="?")
+
+    snap = sub.add_parser("snapshot", help="manage snapshots").add_subparsers(dest="snapshot_verb",
+                                                                               metavar="ACTION")
+    srm = snap.add_parser("rm", help="remove a snapshot")
+    srm.add_argument("id")
+
+    rs = sub.add_parser("restore", help="bring a checkpointed container back, running")
+    rs.add_argument("--snapshot", metavar="ID|TAG", help="default: the latest snapshot")
+    rs.add_argument("--name", dest="new_name", help="restore as a new container")
+    rs.add_argument("name")
+    return p
+
+
+def _image_cmd(rt: Runtime, a) -> int:
+    images = Images(rt)
+    if a.image_verb == "import":
+        rec = images.import_(a.path, a.name)
+        output.out.print(f"imported {rec.name} {rec.id[:19]} ({len(rec.layers)} layers, {output.human_size(rec.size)})")
+    elif a.image_verb == "ls":
+        recs = images.list()
+        if a.json:
+            output.print_json([{"name": r.name, "id": r.id, "layers": list(r.layers), "size": r.size,
+                                "created": r.created} for r in recs])
+        else:
+            output.print_table(("NAME", "ID", "LAYERS", "SIZE", "CREATED"),
+                               [(r.name, r.id[7:19], len(r.layers), output.human_size(r.size),
+                                 output.human_age(r.created)) for r in recs])
+    elif a.image_verb == "rm":
+        images.remove(a.name)
+    else:
+        raise InvalidInput("usage: migrate image {import,ls,rm} ...")
+    return 0
+
+
+def _ps(rt: Runtime, a) -> int:
+    recs = rt.catalog.containers()
+    rows = []
+    for r in recs:
+        rows.append({"name": r.name, "state": r.state, "image": r.spec.image, "pid": r.pid,
+                     "started": r.started, "memory": rt.usage(r), "exit_code": r.exit_code})
+    if a.json:
+        output.print_json(rows)
+    else:
+        output.print_table(
+            ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY"),
+            [(r["name"], r["state"] if r["exit_code"] is None or r["state"] != "exited"
+              else f"exited ({r['exit_code']})", r["image"], r["pid"], output.human_age(r["started"]),
+              output.human_size(r["memory"])) for r in rows],
+        )
+    return 0
+
+
+def _snapshots(rt: Runtime, a) -> int:
+    snaps = Snapshots(rt).list(a.name)
+    if a.json:
+        output.print_json([{"id": s.id, "container": s.container, "tag": s.tag, "created": s.created,
+                            "size": s.size, "criu_version": s.criu_version, "image": s.spec.image} for s in snaps])
+    else:
+        output.print_table(("ID", "CONTAINER", "TAG", "CREATED", "SIZE"),
+                           [(s.id, s.container, s.tag, output.human_age(s.created), output.human_size(s.size))
+                            for s in snaps])
+    return 0
+
+
+def dispatch(a) -> int:
+    rt = Runtime()
+    try:
+        if a.verb == "image":
+            return _image_cmd(rt, a)
+        if a.verb == "run":
+            rec = rt.run(RunRequest(name=a.name, image=a.image, command=tuple(a.command), env=tuple(a.env),
+                                    volumes=tuple(a.volume), working_dir=a.workdir, memory=a.memory, cpus=a.cpus))
+            output.out.print(rec.name)
+            return 0
+        if a.verb == "ps":
+            return _ps(rt, a)
+        if a.verb == "logs":
+            rt.follow_log(a.name, sys.stdout.buffer, a.follow)
+            return 0
+        if a.verb == "exec":
+            return rt.exec(a.name, a.command, tuple(a.env))
+        if a.verb == "stop":
+            rec = rt.stop(a.name, a.time)
+            output.out.print(f"{rec.name} exited ({rec.exit_code})")
+            return 0
+        if a.verb == "rm":
+            rt.remove(a.name, a.force)
+            return 0
+        if a.verb == "checkpoint":
+            snap = Snapshots(rt).checkpoint(a.name, a.leave_running, a.tag)
+            if a.json:
+                output.print_json({"id": snap.id, "container": snap.container, "tag": snap.tag, "size": snap.size})
+            else:
+                output.out.print(snap.id)
+            return 0
+        if a.verb == "snapshots":
+            return _snapshots(rt, a)
+        if a.verb == "snapshot":
+            if a.snapshot_verb != "rm":
+                raise InvalidInput("usage: migrate snapshot rm ID")
+            Snapshots(rt).remove(a.id)
+            return 0
+        if a.verb == "restore":
+            rec = Snapshots(rt).restore(a.name, a.snapshot, a.new_name)
+            output.out.print(f"{rec.name} running (pid {rec.pid})")
+            return 0
+        raise InvalidInput("no command given: see migrate --help")
+    finally:
+        rt.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if os.geteuid() != 0 and args.verb not in (None,):
+        output.err.print("migrate: error: must run as root (namespaces, mounts and CRIU need it)")
+        return 2
+    try:
+        return dispatch(args)
+    except MigrateError as e:
+        output.err.print(f"migrate: error: {e}", markup=False)
+        return e.exit_code
+    except KeyboardInterrupt:
+        output.err.print("migrate: interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+        if os.environ.get("MIGRATE_DEBUG"):
+            traceback.print_exc()
+        output.err.print(f"migrate: internal error: {type(e).__name__}: {e} (set MIGRATE_DEBUG=1 for details)",
+                         markup=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Container lifecycle on one host: run, stop, rm, exec, logs, ps.
+
+The CLI calls these; the shim (runtime/shim.py) does the supervising. Each function opens the
+catalog, checks the state machine, acts, and leaves the catalog consistent even when it fails.
+"""
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import rootfs, states
+from .cgroups import Cgroups
+from .errors import Conflict, InvalidInput, MigrateError, NotFound
+from .layers import LayerStore
+from .paths import StateRoot
+from .shim import container_env
+from .spec import ContainerSpec, Limits, Volume, validate_name
+from .store import Catalog, ContainerRecord
+
+SHIM_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    working_dir: str | None = None
+    memory: int | None = None
+    cpus: float | None = None
+
+
+class Runtime:
+    """The containers of one host (one state root)."""
+
+    def __init__(self, root: StateRoot | None = None):
+        self.root = root or StateRoot.from_env()
+        self.root.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.catalog = Catalog(self.root.db)
+        self.layers = LayerStore(self.root.layers)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # creating and starting
+    def build_spec(self, req: RunRequest) -> ContainerSpec:
+        validate_name(req.name)
+        image = self.catalog.image(req.image)
+        cfg = image.config
+        argv = tuple(cfg.get("entrypoint") or ()) + (req.command or tuple(cfg.get("cmd") or ()))
+        if not argv:
+            raise InvalidInput(f"image {image.name} has no default command: give one after the image name")
+        for e in req.env:
+            if "=" not in e or not e.split("=", 1)[0]:
+                raise InvalidInput(f"invalid environment variable {e!r}: use KEY=VALUE")
+        volumes = tuple(Volume.parse(v) for v in req.volumes)
+        for v in volumes:
+            if not os.path.exists(v.host_path):
+                raise NotFound(f"volume source {v.host_path} does not exist")
+        if req.cpus is not None and req.cpus <= 0:
+            raise InvalidInput("--cpus must be positive")
+        working_dir = req.working_dir or cfg.get("working_dir") or "/"
+        if not working_dir.startswith("/"):
+            raise InvalidInput(f"working directory must be absolute: {working_dir}")
+        return ContainerSpec(
+            name=req.name, image=image.name, image_id=image.id, layers=image.layers, argv=argv,
+            env=tuple(cfg.get("env") or ()) + req.env, working_dir=working_dir, volumes=volumes,
+            limits=Limits(memory_bytes=req.memory, cpus=req.cpus),
+        )
+
+    def run(self, req: RunRequest) -> ContainerRecord:
+        spec = self.build_spec(req)
+        for digest in spec.layers:
+            if not self.layers.has(digest):
+                raise NotFound(f"layer {digest} of {spec.image} is missing from the layer store")
+        self.create_record(spec)
+        try:
+            self.spawn_shim(spec.name, "start")
+        except MigrateError:
+            self.discard(spec.name)
+            raise
+        return self.catalog.container(spec.name)
+
+    def create_record(self, spec: ContainerSpec, state: str = states.CREATED) -> None:
+        """Catalog entry, folders and planned cgroups: the parts a start or restore builds on."""
+        self.catalog.add_container(spec, state)
+        cdir = self.root.container_dir(spec.name)
+        try:
+            cdir.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            self.catalog.remove_container(spec.name)
+            raise Conflict(f"leftover directory {cdir} is in the way: remove it first") from None
+        for sub in ("upper", "work", "rootfs"):
+            (cdir / sub).mkdir()
+        cgroups = Cgroups.plan(self.root.cgroup_parent, spec.name)
+        self.catalog.set_fields(spec.name, cgroups=cgroups.paths)
+
+    def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None) -> int:
+        """Start the detached shim and wait for its verdict; returns the init PID."""
+        cdir = self.root.container_dir(name)
+        status_r, status_w = os.pipe()
+        argv = [sys.executable, "-m", "runtime.shim", mode, name, "--status-fd", str(status_w)]
+        if snapshot is not None:
+            argv += ["--snapshot", str(snapshot)]
+        with open(cdir / "shim.log", "ab") as shim_log:
+            proc = subprocess.Popen(
+                argv, pass_fds=(status_w,), start_new_session=True, cwd="/",
+                stdin=subprocess.DEVNULL, stdout=shim_log, stderr=subprocess.STDOUT,
+                env={**os.environ, "MIGRATE_ROOT": str(self.root.root)},
+            )
+        os.close(status_w)
+        line = _read_line(status_r, SHIM_TIMEOUT)
+        if not line:
+            proc.kill()
+            proc.wait()
+            raise MigrateError(f"the shim of {name} died before reporting (see {cdir / 'shim.log'})")
+        verdict = json.loads(line)
+        if not verdict["ok"]:
+            proc.wait(timeout=30)
+            raise MigrateError(verdict["error"])
+        return int(verdict["pid"])
+
+    # stopping and removing
+    def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:
+        rec = self.catalog.container(name)
+        states.check("stop", rec.state, name)
+        _signal(rec.pid, signal.SIGTERM)
+        if not self.wait_for_exit(name, timeout):
+            _signal(rec.pid, signal.SIGKILL)
+            if not self.wait_for_exit(name, 30):
+                raise MigrateError(f"{name} did not stop after SIGKILL (init pid {rec.pid})")
+        return self.catalog.container(name)
+
+    def wait_for_exit(self, name: str, timeout: float) -> bool:
+        """True once the shim has recorded the exit and is gone."""
+        deadline = time.monotonic() + timeout
+        rec = self.catalog.container(name)
+        while time.monotonic() < deadline:
+            rec = self.catalog.container(name)
+            if rec.state != states.RUNNING and not (rec.shim_pid and _running(rec.shim_pid)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def remove(self, name: str, force: bool = False) -> None:
+        rec = self.catalog.container(name)
+        if rec.state == states.RUNNING and force:
+            self.stop(name, timeout=0)
+            rec = self.catalog.container(name)
+        states.check("remove", rec.state, name)
+        self.discard(name)
+
+    def discard(self, name: str) -> None:
+        """Remove every trace of a container that has no running process."""
+        rec = self.catalog.find_container(name)
+        cdir = self.root.container_dir(name)
+        rootfs.unmount_all(cdir)
+        if rec is not None:
+            Cgroups(rec.cgroups).remove()
+        shutil.rmtree(cdir, ignore_errors=True)
+        self.catalog.remove_container(name)
+
+    # looking inside
+    def exec(self, name: str, command: list[str], env: tuple[str, ...] = ()) -> int:
+        rec = self.catalog.container(name)
+        states.check("exec", rec.state, name)
+        if not command:
+            raise InvalidInput("exec needs a command")
+        cgroups = Cgroups(rec.cgroups)
+        argv = ["nsenter", f"--target={rec.pid}", "--mount", "--uts", "--ipc", "--pid", "--root", "--wd", "--",
+                *command]
+        full_env = container_env(rec.spec) | dict(e.split("=", 1) for e in env)
+        proc = subprocess.run(argv, env=full_env, preexec_fn=lambda: cgroups.add(os.getpid()))
+        return proc.returncode
+
+    def log_path(self, name: str) -> Path:
+        self.catalog.container(name)
+        return self.root.container_dir(name) / "container.log"
+
+    def follow_log(self, name: str, out, follow: bool) -> None:
+        path = self.log_path(name)
+        with open(path, "rb") if path.exists() else open(os.devnull, "rb") as f:
+            while True:
+                data = f.read(65536)
+                if data:
+                    out.write(data)
+                    out.flush()
+                    continue
+                if not follow or self.catalog.container(name).state not in (states.RUNNING, states.RESTORING,
+                                                                           states.MIGRATING, states.CHECKPOINTING):
+                    return
+                time.sleep(0.1)
+
+    def usage(self, rec: ContainerRecord) -> int | None:
+        return Cgroups(rec.cgroups).memory_usage() if rec.state == states.RUNNING else None
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not buf.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        os.close(fd)
+    return buf.decode(errors="replace").strip()
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a slow PID 1."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

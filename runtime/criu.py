@@ -1,0 +1,214 @@
+"""CRIU through its RPC (`criu swrk`), with a loop for notify messages.
+
+pycriu only sends one request and reads one answer; we need the notifications (post-dump,
+while the tree is still frozen, is where the upper dir is captured), so this module speaks
+the protobuf messages from `pycriu.rpc_pb2` over the swrk socket itself. Option building is
+pure (dataclass -> criu_req), so it is unit-tested without CRIU.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CriuError
+
+MAX_MESSAGE = 1 << 20
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+def _rpc():
+    try:
+        from pycriu import rpc_pb2
+    except ImportError as e:
+        raise CriuError(f"pycriu is not importable ({e}): run ./scripts/setup") from None
+    return rpc_pb2
+
+
+def find_binary() -> str:
+    """Absolute path of the criu to use: $MIGRATE_CRIU, else `criu` on PATH or in the sbin folders."""
+    explicit = os.environ.get("MIGRATE_CRIU")
+    found = explicit if explicit else shutil.which("criu", path=_SEARCH_PATH)
+    if not found or not os.access(found, os.X_OK):
+        raise CriuError("criu is not installed (or MIGRATE_CRIU is wrong): run ./scripts/setup")
+    return os.path.abspath(found)
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    pid: int
+    leave_running: bool = False
+    external: tuple[str, ...] = ()
+    log_file: str = "dump.log"
+    file_locks: bool = True
+    tcp_established: bool = False
+    lazy_pages: bool = False
+    page_server: tuple[str, int] | None = None
+    log_level: int = 4
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    root: str
+    external: tuple[str, ...] = ()
+    inherit_fds: tuple[tuple[str, int], ...] = ()
+    log_file: str = "restore.log"
+    file_locks: bool = True
+    tcp_established: bool = False
+    lazy_pages: bool = False
+    log_level: int = 4
+
+
+def dump_request(opts: DumpOptions, images_fd: int):
+    rpc = _rpc()
+    req = rpc.criu_req(type=rpc.DUMP)
+    o = req.opts
+    o.images_dir_fd = images_fd
+    o.pid = opts.pid
+    o.leave_running = opts.leave_running
+    o.log_file = opts.log_file
+    o.log_level = opts.log_level
+    o.file_locks = opts.file_locks
+    o.tcp_established = opts.tcp_established
+    o.notify_scripts = True
+    o.manage_cgroups_mode = rpc.IGNORE  # cgroups are ours: recreated with their limits before restore
+    o.external.extend(opts.external)
+    if opts.lazy_pages:
+        o.lazy_pages = True
+    if opts.page_server:
+        o.ps.address, o.ps.port = opts.page_server
+    return req
+
+
+def restore_request(opts: RestoreOptions, images_fd: int):
+    rpc = _rpc()
+    req = rpc.criu_req(type=rpc.RESTORE)
+    o = req.opts
+    o.images_dir_fd = images_fd
+    o.root = opts.root
+    o.log_file = opts.log_file
+    o.log_level = opts.log_level
+    o.file_locks = opts.file_locks
+    o.tcp_established = opts.tcp_established
+    o.notify_scripts = True
+    o.rst_sibling = True  # the restored init becomes our child, so we can reap it
+    o.manage_cgroups_mode = rpc.IGNORE
+    o.external.extend(opts.external)
+    for key, fd in opts.inherit_fds:
+        o.inherit_fd.add(key=key, fd=fd)
+    if opts.lazy_pages:
+        o.lazy_pages = True
+    return req
+
+
+def log_errors(log_path: Path, count: int = 3) -> list[str]:
+    """CRIU's own last error lines, without the timestamp prefix."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    errors = [re.sub(r"^\(\s*[\d.]+\)\s*", "", ln).strip() for ln in lines if "Error" in ln or "error" in ln]
+    return errors[-count:]
+
+
+@dataclass
+class _Session:
+    """One `criu swrk` process and its socket."""
+
+    binary: str
+    extra_fds: tuple[int, ...] = ()
+    on_spawn: Callable[[int], None] | None = None
+    proc: subprocess.Popen = field(init=False)
+    sock: socket.socket = field(init=False)
+
+    def __post_init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [self.binary, "swrk", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(), *self.extra_fds),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as e:
+            ours.close()
+            raise CriuError(f"cannot start {self.binary}: {e.strerror}") from None
+        finally:
+            theirs.close()
+        self.sock = ours
+        if self.on_spawn:
+            self.on_spawn(self.proc.pid)
+
+    def call(self, req, on_notify: Callable[[str, int], None] | None):
+        rpc = _rpc()
+        self.sock.send(req.SerializeToString())
+        while True:
+            data = self.sock.recv(MAX_MESSAGE)
+            if not data:
+                raise CriuError("criu exited without answering")
+            resp = rpc.criu_resp()
+            resp.ParseFromString(data)
+            if resp.type != rpc.NOTIFY:
+                return resp
+            try:
+                if on_notify:
+                    on_notify(resp.notify.script, resp.notify.pid)
+            except BaseException:
+                self.sock.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False).SerializeToString())
+                raise
+            self.sock.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True).SerializeToString())
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Criu:
+    def __init__(self, binary: str | None = None):
+        self.binary = binary or find_binary()
+
+    def dump(self, opts: DumpOptions, images_dir: Path, on_notify=None) -> None:
+        """Checkpoint the tree at opts.pid; on_notify(script, pid) runs while CRIU waits (tree frozen)."""
+        self._run("dump", dump_request, opts, images_dir, on_notify)
+
+    def restore(self, opts: RestoreOptions, images_dir: Path, on_notify=None, on_spawn=None) -> int:
+        """Restore; returns the host PID of the restored init, which is our child."""
+        resp = self._run("restore", restore_request, opts, images_dir, on_notify, on_spawn,
+                         extra_fds=tuple(fd for _, fd in opts.inherit_fds))
+        return resp.restore.pid
+
+    def _run(self, what, build, opts, images_dir: Path, on_notify, on_spawn=None, extra_fds=()):
+        images_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+        session = None
+        try:
+            session = _Session(self.binary, (images_fd, *extra_fds), on_spawn)
+            resp = session.call(build(opts, images_fd), on_notify)
+        finally:
+            if session:
+                session.close()
+            os.close(images_fd)
+        if not resp.success:
+            log = images_dir / opts.log_file
+            detail = "; ".join(log_errors(log)) or resp.cr_errmsg or f"errno {resp.cr_errno}"
+            raise CriuError(f"CRIU {what} failed: {detail} (full log: {log})")
+        return resp
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+        m = re.search(r"Version:\s*(\S+)", out)
+        return m.group(1) if m else "unknown"
+
+    def check(self) -> tuple[bool, str]:
+        """`criu check` as a subprocess (pycriu's check() is broken with 4.1.1)."""
+        p = subprocess.run([self.binary, "check"], capture_output=True, text=True, timeout=60)
+        text = (p.stdout + p.stderr).strip().splitlines()
+        return p.returncode == 0, (text[-1] if text else "")

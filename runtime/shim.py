@@ -1,0 +1,242 @@
+"""The per-container supervisor: parent of the container's init, keeper of its log.
+
+One shim per running container, detached from the CLI. It builds the container (start) or has
+CRIU bring it back (restore), tells the CLI the outcome through a status pipe, then copies the
+container's stdout/stderr into its log until init exits, records the exit status, and tears
+down the container's mounts and cgroups.
+
+Run as: python -m runtime.shim start|restore NAME --status-fd FD [--snapshot DIR]
+"""
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import linux, rootfs, states
+from .cgroups import Cgroups
+from .criu import Criu, RestoreOptions
+from .errors import MigrateError
+from .layers import LayerStore
+from .paths import StateRoot
+from .spec import ContainerSpec
+from .store import Catalog
+
+CHECKPOINT_META = "checkpoint.json"
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def container_env(spec: ContainerSpec) -> dict[str, str]:
+    env = dict(e.split("=", 1) for e in (DEFAULT_PATH, f"HOSTNAME={spec.name}", *spec.env) if "=" in e)
+    return env
+
+
+class Shim:
+    def __init__(self, root: StateRoot, catalog: Catalog, name: str):
+        self.root = root
+        self.catalog = catalog
+        rec = catalog.container(name)
+        self.spec = rec.spec
+        self.cgroups = Cgroups(rec.cgroups)
+        self.dir = root.container_dir(name)
+        self.rootfs = self.dir / "rootfs"
+        self.readers: list[int] = []
+
+    # building the container
+    def prepare(self) -> None:
+        layers = LayerStore(self.root.layers)
+        lowers = [layers.path_of(d) for d in reversed(self.spec.layers)]
+        rootfs.mount_overlay(lowers, self.dir / "upper", self.dir / "work", self.rootfs)
+        self.cgroups.create(self.spec.limits)
+
+    def _pipes(self) -> tuple[int, int]:
+        """Two pipes (stdout, stderr): read ends stay here, write ends go to the container."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        self.readers = [out_r, err_r]
+        return out_w, err_w
+
+    def start(self) -> int:
+        out_w, err_w = self._pipes()
+        pid_r, pid_w = os.pipe()
+        err_pipe_r, err_pipe_w = os.pipe2(os.O_CLOEXEC)
+        child = os.fork()
+        if child == 0:
+            self._child(out_w, err_w, pid_w, err_pipe_w)
+        for fd in (out_w, err_w, pid_w, err_pipe_w):
+            os.close(fd)
+        os.waitpid(child, 0)
+        with os.fdopen(pid_r) as f:
+            text = f.read().strip()
+        with os.fdopen(err_pipe_r, "rb") as f:
+            failure = f.read().decode(errors="replace").strip()
+        if failure or not text:
+            raise MigrateError(failure or "the container's init could not be started")
+        return int(text)
+
+    def _child(self, out_w: int, err_w: int, pid_w: int, err_pipe_w: int) -> None:
+        """Runs in the forked child; never returns. Its child is the container's init (PID 1 inside)."""
+        try:
+            self.cgroups.add(os.getpid())
+            linux.unshare(linux.CLONE_NEWPID | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC)
+            init = os.fork()
+            if init:
+                os.write(pid_w, str(init).encode())
+                os._exit(0)
+            os.setsid()  # inside the pid namespace, as CRIU requires
+            rootfs.enter(self.rootfs, self.spec.name, self.spec.volumes, self.spec.working_dir)
+            null = os.open("/dev/null", os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            keep = err_pipe_w
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 65536)
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            os.execvpe(self.spec.argv[0], list(self.spec.argv), container_env(self.spec))
+        except BaseException as e:  # report to the shim through the close-on-exec pipe
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            what = f"cannot start {self.spec.argv[0]!r}: {msg}" if isinstance(e, OSError) else msg
+            try:
+                os.write(err_pipe_w, what.encode())
+            finally:
+                os._exit(127)
+
+    def restore(self, snapshot: Path) -> int:
+        meta = json.loads((snapshot / CHECKPOINT_META).read_text())
+        out_w, err_w = self._pipes()
+        inherit = []
+        for key, fd in ((meta["pipes"].get("stdout"), out_w), (meta["pipes"].get("stderr"), err_w)):
+            if key and key not in (k for k, _ in inherit):
+                inherit.append((key, fd))
+        opts = RestoreOptions(
+            root=str(self.rootfs),
+            external=tuple(f"mnt[{v.criu_key}]:{v.host_path}" for v in self.spec.volumes),
+            inherit_fds=tuple(inherit),
+        )
+        try:
+            return Criu().restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+
+    # supervising it
+    def supervise(self, init_pid: int) -> int:
+        """Copy output to the log until init exits; returns init's exit code."""
+        log = os.open(self.dir / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        sel = selectors.DefaultSelector()
+        for fd in self.readers:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        exit_code = None
+        drain_until = None
+        while sel.get_map():
+            for key, _ in sel.select(timeout=0.1):
+                data = os.read(key.fd, 65536)
+                if data:
+                    os.write(log, data)
+                else:
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+            if exit_code is None:
+                exit_code = _reap(init_pid)
+                if exit_code is not None:
+                    drain_until = time.monotonic() + 2.0
+            elif time.monotonic() > drain_until:
+                break  # a leaked writer elsewhere must not keep us alive
+        while exit_code is None:
+            exit_code = _reap(init_pid)
+            time.sleep(0.05)
+        _reap_all()
+        os.close(log)
+        return exit_code
+
+    def teardown(self) -> None:
+        rootfs.unmount_all(self.rootfs)
+        self.cgroups.remove()
+
+
+def _reap(init_pid: int) -> int | None:
+    """Reap any finished children (we are a subreaper); return init's exit code once it is gone."""
+    result = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return result if result is not None else (0 if not _alive(init_pid) else None)
+        if pid == 0:
+            return result
+        if pid == init_pid:
+            result = os.waitstatus_to_exitcode(status)
+            result = 128 - result if result < 0 else result
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.05)
+        except ChildProcessError:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.shim")
+    ap.add_argument("mode", choices=("start", "restore"))
+    ap.add_argument("name")
+    ap.add_argument("--status-fd", type=int, required=True)
+    ap.add_argument("--snapshot", type=Path)
+    args = ap.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    linux.set_child_subreaper()
+    root = StateRoot.from_env()
+    catalog = Catalog(root.db)
+    status = os.fdopen(args.status_fd, "w")
+    shim = Shim(root, catalog, args.name)
+    try:
+        shim.prepare()
+        if args.mode == "start":
+            pid = shim.start()
+            catalog.transition(args.name, "start", pid=pid, shim_pid=os.getpid(), started=time.time())
+        else:
+            pid = shim.restore(args.snapshot)
+            catalog.transition(args.name, "restore-done", pid=pid, shim_pid=os.getpid(), started=time.time())
+    except Exception as e:
+        if not isinstance(e, MigrateError):
+            traceback.print_exc()
+        _safe(shim.teardown)
+        status.write(json.dumps({"ok": False, "error": str(e)}) + "\n")
+        status.close()
+        return 1
+    status.write(json.dumps({"ok": True, "pid": pid}) + "\n")
+    status.close()
+    code = shim.supervise(pid)
+    _safe(shim.teardown)
+    catalog.update_if_state(args.name, states.RUNNING, state=states.EXITED, exit_code=code,
+                            finished=time.time(), pid=None, shim_pid=None)
+    return 0
+
+
+def _safe(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        traceback.print_exc()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Checkpoint and restore on one host, and the snapshot catalog.
+
+A snapshot is a folder that holds everything needed to bring a container back, here or on
+another host: CRIU's images (with CRIU's logs), a copy of the upper dir taken while the tree
+was frozen, the log so far, the spec, and the stdio pipe identities CRIU needs to re-attach
+the output to a new shim. Only root can read it: CRIU images hold process memory.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from . import rootfs, states
+from .container import Runtime
+from .criu import Criu, DumpOptions
+from .errors import Conflict, MigrateError, NotFound
+from .shim import CHECKPOINT_META
+from .spec import ContainerSpec, validate_name
+from .store import ContainerRecord, SnapshotRecord
+
+SPEC_FILE = "spec.json"
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """cp -a: keeps xattrs, devices (overlay whiteouts), hardlinks; never reads devices as files."""
+    proc = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MigrateError(f"copying {src} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def stdio_pipes(pid: int) -> dict[str, str]:
+    """The pipe identities ('pipe:[inode]') of init's stdout and stderr, as CRIU names them."""
+    pipes = {}
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            pipes[name] = target
+    return pipes
+
+
+def tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class Snapshots:
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.catalog = runtime.catalog
+        self.root = runtime.root
+
+    def checkpoint(self, name: str, leave_running: bool = False, tag: str | None = None) -> SnapshotRecord:
+        if tag is not None:
+            validate_name(tag, "tag")
+            if any(s.tag == tag for s in self.catalog.snapshots(name)):
+                raise Conflict(f"{name} already has a snapshot tagged {tag}")
+        rec = self.catalog.transition(name, "checkpoint")
+        snapshot_id = secrets.token_hex(6)
+        sdir = self.root.snapshot_dir(snapshot_id)
+        try:
+            self._dump(rec, sdir, leave_running)
+            if not leave_running and not self.rt.wait_for_exit(name, 60):
+                raise MigrateError(f"the shim of {name} did not exit after the checkpoint")
+        except BaseException:
+            shutil.rmtree(sdir, ignore_errors=True)
+            self.catalog.transition(name, "checkpoint-failed")
+            raise
+        snap = SnapshotRecord(snapshot_id, name, tag, time.time(), rec.spec, Criu().version(), tree_size(sdir))
+        self.catalog.add_snapshot(snap)
+        if leave_running:
+            self.catalog.transition(name, "checkpoint-done-running")
+        else:
+            self.catalog.transition(name, "checkpoint-done-stopped", pid=None, shim_pid=None, finished=time.time())
+        return snap
+
+    def _dump(self, rec: ContainerRecord, sdir: Path, leave_running: bool) -> None:
+        """CRIU dump into sdir; the upper dir and log are copied while the tree is still frozen."""
+        self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sdir.mkdir(mode=0o700)
+        (sdir / "images").mkdir(mode=0o700)
+        cdir = self.root.container_dir(rec.name)
+        (sdir / SPEC_FILE).write_text(rec.spec.to_json())
+        (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid)}))
+
+        def on_notify(script: str, _pid: int) -> None:
+            if script == "post-dump":
+                copy_tree(cdir / "upper", sdir / "upper")
+                if (cdir / "container.log").exists():
+                    shutil.copy2(cdir / "container.log", sdir / "container.log")
+
+        opts = DumpOptions(
+            pid=rec.pid,
+            leave_running=leave_running,
+            external=tuple(f"mnt[{v.container_path}]:{v.criu_key}" for v in rec.spec.volumes),
+        )
+        Criu().dump(opts, sdir / "images", on_notify)
+
+    def restore(self, name: str, ref: str | None = None, new_name: str | None = None) -> ContainerRecord:
+        snap = self._find(name, ref)
+        target = validate_name(new_name or name)
+        sdir = self.root.snapshot_dir(snap.id)
+        spec = ContainerSpec.from_json((sdir / SPEC_FILE).read_text()).renamed(target)
+        for digest in spec.layers:
+            if not self.rt.layers.has(digest):
+                raise NotFound(f"layer {digest} of {spec.image} is missing from the layer store")
+        existing = self.catalog.find_container(target)
+        if existing is None:
+            self.rt.create_record(spec)
+            previous = None
+        else:
+            states.check("restore", existing.state, target)
+            previous = existing.state
+            self.catalog.set_fields(target, spec=spec.to_json())
+        try:
+            self._prepare_dir(target, sdir, keep_log=existing is not None)
+            self.catalog.transition(target, "restore")
+            self.rt.spawn_shim(target, "restore", sdir)
+        except BaseException:
+            if previous is None:
+                self.rt.discard(target)
+            else:
+                self.catalog.set_fields(target, state=previous)
+            raise
+        return self.catalog.container(target)
+
+    def _prepare_dir(self, name: str, sdir: Path, keep_log: bool) -> None:
+        """A fresh upper dir from the snapshot; the log continues (or starts from the snapshot's copy)."""
+        cdir = self.root.container_dir(name)
+        rootfs.unmount_all(cdir)
+        for sub in ("upper", "work"):
+            shutil.rmtree(cdir / sub, ignore_errors=True)
+        copy_tree(sdir / "upper", cdir / "upper")
+        (cdir / "work").mkdir()
+        (cdir / "rootfs").mkdir(exist_ok=True)
+        log = cdir / "container.log"
+        if (not keep_log or not log.exists()) and (sdir / "container.log").exists():
+            shutil.copy2(sdir / "container.log", log)
+
+    def _find(self, name: str, ref: str | None) -> SnapshotRecord:
+        if ref is not None:
+            return self.catalog.snapshot(ref, container=name)
+        snaps = self.catalog.snapshots(name)
+        if not snaps:
+            raise NotFound(f"no snapshot of {name}")
+        return snaps[-1]
+
+    def list(self, name: str | None = None) -> list[SnapshotRecord]:
+        if name is not None and self.catalog.find_container(name) is None and not self.catalog.snapshots(name):
+            raise NotFound(f"no such container: {name}")
+        return self.catalog.snapshots(name)
+
+    def remove(self, snapshot_id: str) -> None:
+        snap = self.catalog.snapshot(snapshot_id)
+        shutil.rmtree(self.root.snapshot_dir(snap.id), ignore_errors=True)
+        self.catalog.remove_snapshot(snap.id)

@@ -1,0 +1,48 @@
+"""The container state machine: which lifecycle steps are allowed from which state.
+
+Every state change in the catalog goes through `check`, so a container can never be, say,
+restored while it runs or removed while a checkpoint is being written.
+"""
+
+from .errors import Conflict
+
+CREATED = "created"          # record and directories exist, no process yet
+RUNNING = "running"          # init runs under its shim
+EXITED = "exited"            # init ended by itself or by stop; exit code recorded
+CHECKPOINTING = "checkpointing"  # a dump is being written; the shim leaves the record alone
+CHECKPOINTED = "checkpointed"    # stopped with a complete snapshot that can be restored
+RESTORING = "restoring"      # CRIU is bringing it back
+MIGRATING = "migrating"      # frozen or being copied to another host
+
+ALL = (CREATED, RUNNING, EXITED, CHECKPOINTING, CHECKPOINTED, RESTORING, MIGRATING)
+
+# action -> (states it may start from, state while it runs or after it)
+_ACTIONS: dict[str, tuple[frozenset[str], str]] = {
+    "start": (frozenset({CREATED}), RUNNING),
+    "exit": (frozenset({RUNNING}), EXITED),
+    "checkpoint": (frozenset({RUNNING}), CHECKPOINTING),
+    "checkpoint-done-stopped": (frozenset({CHECKPOINTING}), CHECKPOINTED),
+    "checkpoint-done-running": (frozenset({CHECKPOINTING}), RUNNING),
+    "checkpoint-failed": (frozenset({CHECKPOINTING}), RUNNING),
+    "restore": (frozenset({CHECKPOINTED, EXITED, CREATED}), RESTORING),
+    "restore-done": (frozenset({RESTORING}), RUNNING),
+    "migrate": (frozenset({RUNNING}), MIGRATING),
+    "migrate-rolled-back": (frozenset({MIGRATING}), RUNNING),
+    "stop": (frozenset({RUNNING}), RUNNING),
+    "remove": (frozenset({CREATED, EXITED, CHECKPOINTED}), "removed"),
+    "exec": (frozenset({RUNNING}), RUNNING),
+}
+
+ACTIONS = tuple(_ACTIONS)
+
+
+def check(action: str, state: str, name: str = "container") -> str:
+    """Return the state after `action`, or raise Conflict with a message a user understands."""
+    allowed, after = _ACTIONS[action]
+    if state not in allowed:
+        raise Conflict(f"cannot {action.split('-')[0]} {name}: it is {state}")
+    return after
+
+
+def allowed_from(action: str) -> frozenset[str]:
+    return _ACTIONS[action][0]

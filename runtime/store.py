@@ -1,0 +1,233 @@
+"""The SQLite catalog of one host: images, containers, snapshots.
+
+Each CLI call and each shim opens it briefly; WAL mode and a busy timeout let them share it.
+State changes are conditional UPDATEs, so two writers can never both win a transition.
+"""
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import states
+from .errors import Conflict, NotFound
+from .spec import ContainerSpec
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    layers TEXT NOT NULL,
+    config TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS containers (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    pid INTEGER,
+    shim_pid INTEGER,
+    cgroups TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    exit_code INTEGER
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    container TEXT NOT NULL,
+    tag TEXT,
+    created REAL NOT NULL,
+    spec TEXT NOT NULL,
+    criu_version TEXT NOT NULL,
+    size INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    id: str
+    layers: tuple[str, ...]
+    config: dict
+    size: int
+    created: float
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    name: str
+    state: str
+    spec: ContainerSpec
+    pid: int | None
+    shim_pid: int | None
+    cgroups: dict
+    created: float
+    started: float | None
+    finished: float | None
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    id: str
+    container: str
+    tag: str | None
+    created: float
+    spec: ContainerSpec
+    criu_version: str
+    size: int
+
+
+class Catalog:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # images
+    def add_image(self, rec: ImageRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO images VALUES (?,?,?,?,?,?)",
+            (rec.name, rec.id, json.dumps(rec.layers), json.dumps(rec.config), rec.size, rec.created),
+        )
+
+    def image(self, name: str) -> ImageRecord:
+        row = self._db.execute("SELECT * FROM images WHERE name=? OR id=?", (name, name)).fetchone()
+        if row is None:
+            raise NotFound(f"no such image: {name}")
+        return _image(row)
+
+    def images(self) -> list[ImageRecord]:
+        return [_image(r) for r in self._db.execute("SELECT * FROM images ORDER BY name")]
+
+    def remove_image(self, name: str) -> None:
+        self._db.execute("DELETE FROM images WHERE name=?", (name,))
+
+    def layers_in_use(self) -> set[str]:
+        used: set[str] = set()
+        for (layers,) in self._db.execute("SELECT layers FROM images"):
+            used.update(json.loads(layers))
+        for rec in self.containers():
+            used.update(rec.spec.layers)
+        for snap in self.snapshots():
+            used.update(snap.spec.layers)
+        return used
+
+    # containers
+    def add_container(self, spec: ContainerSpec, state: str = states.CREATED) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO containers (name, state, spec, created) VALUES (?,?,?,?)",
+                (spec.name, state, spec.to_json(), time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise Conflict(f"a container named {spec.name} already exists") from None
+
+    def container(self, name: str) -> ContainerRecord:
+        row = self._db.execute("SELECT * FROM containers WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no such container: {name}")
+        return _container(row)
+
+    def find_container(self, name: str) -> ContainerRecord | None:
+        row = self._db.execute("SELECT * FROM containers WHERE name=?", (name,)).fetchone()
+        return _container(row) if row else None
+
+    def containers(self) -> list[ContainerRecord]:
+        return [_container(r) for r in self._db.execute("SELECT * FROM containers ORDER BY name")]
+
+    def transition(self, name: str, action: str, **fields) -> ContainerRecord:
+        """Apply a state-machine action atomically; extra column values are set in the same write."""
+        with self.transaction():
+            rec = self.container(name)
+            new_state = states.check(action, rec.state, name)
+            self._update(name, state=new_state, **fields)
+        return self.container(name)
+
+    def update_if_state(self, name: str, expected: str, **fields) -> bool:
+        """Set fields only while the container is still in `expected` (used by the shim)."""
+        cols = ", ".join(f"{k}=?" for k in fields)
+        values = [json.dumps(v) if k == "cgroups" else v for k, v in fields.items()]
+        cur = self._db.execute(f"UPDATE containers SET {cols} WHERE name=? AND state=?", (*values, name, expected))
+        return cur.rowcount == 1
+
+    def set_fields(self, name: str, **fields) -> None:
+        self._update(name, **fields)
+
+    def _update(self, name: str, **fields) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        values = [json.dumps(v) if k == "cgroups" else v for k, v in fields.items()]
+        self._db.execute(f"UPDATE containers SET {cols} WHERE name=?", (*values, name))
+
+    def remove_container(self, name: str) -> None:
+        self._db.execute("DELETE FROM containers WHERE name=?", (name,))
+
+    # snapshots
+    def add_snapshot(self, rec: SnapshotRecord) -> None:
+        if rec.tag and self._db.execute(
+            "SELECT 1 FROM snapshots WHERE container=? AND tag=?", (rec.container, rec.tag)
+        ).fetchone():
+            raise Conflict(f"{rec.container} already has a snapshot tagged {rec.tag}")
+        self._db.execute(
+            "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?)",
+            (rec.id, rec.container, rec.tag, rec.created, rec.spec.to_json(), rec.criu_version, rec.size),
+        )
+
+    def snapshots(self, container: str | None = None) -> list[SnapshotRecord]:
+        if container is None:
+            rows = self._db.execute("SELECT * FROM snapshots ORDER BY created")
+        else:
+            rows = self._db.execute("SELECT * FROM snapshots WHERE container=? ORDER BY created", (container,))
+        return [_snapshot(r) for r in rows]
+
+    def snapshot(self, ref: str, container: str | None = None) -> SnapshotRecord:
+        """Find a snapshot by id, or by tag within a container."""
+        row = self._db.execute("SELECT * FROM snapshots WHERE id=?", (ref,)).fetchone()
+        if row is None and container is not None:
+            row = self._db.execute(
+                "SELECT * FROM snapshots WHERE container=? AND tag=?", (container, ref)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"no such snapshot: {ref}")
+        return _snapshot(row)
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+
+def _image(row) -> ImageRecord:
+    return ImageRecord(row["name"], row["id"], tuple(json.loads(row["layers"])), json.loads(row["config"]),
+                       row["size"], row["created"])
+
+
+def _container(row) -> ContainerRecord:
+    return ContainerRecord(
+        name=row["name"], state=row["state"], spec=ContainerSpec.from_json(row["spec"]), pid=row["pid"],
+        shim_pid=row["shim_pid"], cgroups=json.loads(row["cgroups"]), created=row["created"],
+        started=row["started"], finished=row["finished"], exit_code=row["exit_code"],
+    )
+
+
+def _snapshot(row) -> SnapshotRecord:
+    return SnapshotRecord(row["id"], row["container"], row["tag"], row["created"],
+                          ContainerSpec.from_json(row["spec"]), row["criu_version"], row["size"])

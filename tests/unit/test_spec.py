@@ -1,0 +1,47 @@
+import pytest
+
+from runtime.errors import InvalidInput
+from runtime.spec import ContainerSpec, Limits, Volume, parse_size, validate_name
+
+
+@pytest.mark.parametrize("name", ["a", "ctr1", "web.1", "job_2-x", "A" * 63])
+def test_valid_names(name):
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".hidden", "a/b", "../x", "a b", "x" * 64, "ctr\n", "é"])
+def test_invalid_names(name):
+    with pytest.raises(InvalidInput):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("text,expected", [("512m", 512 << 20), ("1G", 1 << 30), ("1024", 1024), ("64KiB", 64 << 10),
+                                           ("1.5g", 3 << 29)])
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "5x", "-1m"])
+def test_bad_sizes(text):
+    with pytest.raises(InvalidInput):
+        parse_size(text)
+
+
+def test_volume_parsing():
+    v = Volume.parse("/srv/data:/data:ro")
+    assert (v.host_path, v.container_path, v.read_only) == ("/srv/data", "/data", True)
+    assert Volume.parse("/a/:/b/").container_path == "/b"
+    assert v.criu_key == "vol_data"
+
+
+@pytest.mark.parametrize("text", ["data:/data", "/a:b", "/a:/b:rx", "/a", "/a:/x/../etc"])
+def test_bad_volumes(text):
+    with pytest.raises(InvalidInput):
+        Volume.parse(text)
+
+
+def test_spec_json_round_trip():
+    spec = ContainerSpec("c", "busybox:latest", "sha256:aa", ("sha256:bb", "sha256:cc"), ("sh", "-c", "x"),
+                         ("A=1",), "/tmp", (Volume("/h", "/c", True),), Limits(1 << 20, 0.5, 10))
+    assert ContainerSpec.from_json(spec.to_json()) == spec
+    assert spec.renamed("d").name == "d" and spec.renamed("d").layers == spec.layers
