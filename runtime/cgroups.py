@@ -139,6 +139,10 @@ class Cgroups:
                     if e.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise MigrateError(f"cannot remove cgroup {path}: {e.strerror}") from None
                     time.sleep(0.05)
+            try:  # the per-root parent goes too once its last container is gone
+                os.rmdir(os.path.dirname(path))
+            except OSError:
+                pass
 
     def exists(self) -> bool:
         return any(os.path.isdir(p) for p in self.paths.values())

@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status-fd", type=int, required=True)
     ap.add_argument("--snapshot", type=Path)
     args = ap.parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        # a handler, not SIG_IGN: ignored signals would be inherited by criu and the container
+        signal.signal(sig, lambda *_: None)
     linux.set_child_subreaper()
     root = StateRoot.from_env()
     catalog = Catalog(root.db)

@@ -1,0 +1,460 @@
+"""Content-addressed store of extracted image layers, each ready to be an overlayfs lowerdir.
+
+A layer lives at `<store>/sha256/<hex>/`, named by the digest of its blob as the manifest lists
+it, with `<hex>.json` beside it (blob size, diff_id). Layers come from untrusted archives, so the
+extractor walks every path itself through directory fds opened with O_NOFOLLOW instead of
+trusting tarfile: nothing it writes can land outside the layer, whatever the symlinks inside say.
+"""
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from runtime.errors import ImageError, InvalidInput, MigrateError, NotFound
+
+LAYER_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What a corrupt or truncated stream raises while being decompressed or untarred.
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+OPAQUE_MARKER = ".wh..wh..opq"
+WHITEOUT_PREFIX = ".wh."
+
+
+def parse_digest(digest: str) -> str:
+    """The hex part of a `sha256:<hex>` digest; only sha256 is supported."""
+    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
+    if m is None:
+        raise InvalidInput(f"not a sha256 digest: {digest!r}")
+    return m.group(1)
+
+
+class OverlayWhiteouts:
+    """Writes OCI whiteouts in overlayfs form. A seam: tests without root pass a recorder instead."""
+
+    def whiteout(self, dir_fd: int, name: str, member: str) -> None:
+        """Hide `name` of the lower layers: a 0:0 character device (needs CAP_MKNOD)."""
+        try:
+            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+        except PermissionError:
+            raise MigrateError(f"whiteout {member!r}: creating overlayfs whiteouts needs root") from None
+
+    def opaque(self, dir_fd: int, member: str) -> None:
+        """Hide everything the lower layers have in this directory (trusted xattr, needs root)."""
+        try:
+            os.setxattr(dir_fd, "trusted.overlay.opaque", b"y")
+        except PermissionError:
+            raise MigrateError(f"opaque marker {member!r}: setting trusted.* xattrs needs root") from None
+
+
+class LayerStore:
+    def __init__(self, path: Path, whiteouts: OverlayWhiteouts | None = None):
+        self.path = Path(path)
+        self._whiteouts = whiteouts or OverlayWhiteouts()
+
+    def has(self, digest: str) -> bool:
+        return (self.path / "sha256" / parse_digest(digest)).is_dir()
+
+    def path_of(self, digest: str) -> Path:
+        p = self.path / "sha256" / parse_digest(digest)
+        if not p.is_dir():
+            raise NotFound(f"layer {digest} is not in the store")
+        return p
+
+    def size_of(self, digest: str) -> int:
+        """Size of the layer's blob (compressed, as in the archive), not of the extracted tree."""
+        return self._meta(digest)["size"]
+
+    def digests(self) -> list[str]:
+        d = self.path / "sha256"
+        if not d.is_dir():
+            return []
+        return sorted(f"sha256:{p.name}" for p in d.iterdir() if re.fullmatch("[0-9a-f]{64}", p.name) and p.is_dir())
+
+    def remove(self, digest: str) -> None:
+        layer = self.path_of(digest)
+        self._tmp().mkdir(parents=True, exist_ok=True)
+        doomed = Path(tempfile.mkdtemp(dir=self._tmp(), prefix="rm-")) / "layer"
+        layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
+        layer.with_suffix(".json").unlink(missing_ok=True)
+        _force_rmtree(doomed.parent)
+
+    def add_from_stream(
+        self,
+        digest: str,
+        fileobj: BinaryIO,
+        media_type: str | None,
+        *,
+        size: int | None = None,
+        diff_id: str | None = None,
+    ) -> bool:
+        """Verify the blob read from `fileobj` against `digest` (and `size`, `diff_id` when given)
+        and store it extracted. Returns False when the layer was already there (the stream is
+        still verified). On any failure nothing new is left in the store.
+
+        The compression (gzip, zstd or none) is taken from the magic bytes, not the media type,
+        which only has to be a known layer type (None for docker-archive layers, which have none).
+        """
+        hex_ = parse_digest(digest)
+        if diff_id is not None:
+            parse_digest(diff_id)
+        if media_type is not None and media_type not in LAYER_MEDIA_TYPES:
+            raise ImageError(f"layer {digest}: unsupported media type {media_type!r}")
+        if self.has(digest):
+            self._verify_present(digest, fileobj, size, diff_id)
+            return False
+        self._tmp().mkdir(parents=True, exist_ok=True)
+        (self.path / "sha256").mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self._tmp(), prefix=f"{hex_[:12]}-"))
+        final = self.path / "sha256" / hex_
+        sidecar = final.with_suffix(".json")
+        try:
+            blob = _Digesting(fileobj)
+            tar_stream = _Digesting(_decompressor(blob, digest))
+            _Extractor(tmp, digest, self._whiteouts).run(tar_stream)
+            _drain(tar_stream)
+            _drain(blob)
+            diff_id_found = "sha256:" + tar_stream.hexdigest()
+            _check(digest, blob, size, diff_id_found, diff_id)
+            # The sidecar first: a layer directory never exists without it.
+            _write_atomic(sidecar, json.dumps({"size": blob.size, "diff_id": diff_id_found}).encode())
+            try:
+                tmp.rename(final)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                _force_rmtree(tmp)  # another import stored the same layer meanwhile
+                return False
+        except BaseException as e:
+            _force_rmtree(tmp)
+            if not final.exists():
+                sidecar.unlink(missing_ok=True)
+            if isinstance(e, _CORRUPT):
+                raise ImageError(f"layer {digest}: corrupt or truncated data ({e})") from None
+            raise
+        return True
+
+    def _verify_present(self, digest: str, fileobj: BinaryIO, size: int | None, diff_id: str | None) -> None:
+        blob = _Digesting(fileobj)
+        _drain(blob)
+        _check(digest, blob, size, self._meta(digest)["diff_id"], diff_id)
+
+    def _meta(self, digest: str) -> dict:
+        return json.loads((self.path_of(digest).with_suffix(".json")).read_text())
+
+    def _tmp(self) -> Path:
+        return self.path / "tmp"
+
+
+def _check(digest: str, blob: "_Digesting", size: int | None, actual_diff_id: str, diff_id: str | None) -> None:
+    actual = "sha256:" + blob.hexdigest()
+    if actual != digest:
+        raise ImageError(f"layer {digest}: digest mismatch, the blob hashes to {actual}")
+    if size is not None and blob.size != size:
+        raise ImageError(f"layer {digest}: blob is {blob.size} bytes, the manifest says {size}")
+    if diff_id is not None and actual_diff_id != diff_id:
+        raise ImageError(f"layer {digest}: uncompressed content hashes to {actual_diff_id}, the config says {diff_id}")
+
+
+class _Digesting:
+    """Passes a stream through, hashing and counting every byte read."""
+
+    def __init__(self, src):
+        self._src = src
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self._hash.update(data)
+        self.size += len(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class _Rewound:
+    """A stream with its first bytes, already read to sniff the magic, put back in front."""
+
+    def __init__(self, head: bytes, rest):
+        self._head = head
+        self._rest = rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(n)
+        if n < 0:
+            data, self._head = self._head + self._rest.read(), b""
+        else:
+            data, self._head = self._head[:n], self._head[n:]
+        return data
+
+
+def _decompressor(blob: _Digesting, digest: str):
+    head = b""
+    while len(head) < 4:
+        more = blob.read(4 - len(head))
+        if not more:
+            break
+        head += more
+    raw = _Rewound(head, blob)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+    if head.startswith((b"BZh", b"\xfd7zX")):
+        raise ImageError(f"layer {digest}: bzip2/xz compressed layers are not supported")
+    return raw
+
+
+def _drain(stream) -> None:
+    while stream.read(_CHUNK):
+        pass
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _force_rmtree(path: Path) -> None:
+    """rmtree that also gets through read-only directories an unprivileged extraction may leave."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.islink(path):
+        os.chmod(path, 0o700)
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o700)
+    shutil.rmtree(path)
+
+
+def _member_parts(name: str, what: str) -> tuple[str, ...]:
+    """Path components of an archive path, refusing anything that could leave the layer."""
+    if name.startswith("/"):
+        raise ImageError(f"{what} has an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise ImageError(f"{what} has a '..' component")
+    return parts
+
+
+class _Extractor:
+    """Extracts one layer tar stream into an empty directory, member by member."""
+
+    def __init__(self, root: Path, digest: str, whiteouts: OverlayWhiteouts):
+        self._root = root
+        self._digest = digest
+        self._whiteouts = whiteouts
+        self._privileged = os.geteuid() == 0
+        self._extracted: set[tuple[str, ...]] = set()  # non-directories, the valid hard link targets
+        self._dir_attrs: dict[tuple[str, ...], tarfile.TarInfo] = {}
+        self._root_fd = -1
+
+    def run(self, stream) -> None:
+        self._root_fd = os.open(self._root, _DIR_FLAGS)
+        member = None
+        try:
+            os.chmod(self._root_fd, 0o755)  # the container's "/" unless the layer says otherwise
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    self._member(tar, member)
+            member = None
+            for parts in sorted(self._dir_attrs, reverse=True):  # children before their parents
+                fd = self._open_dir(parts, create=False, what=f"directory {'/'.join(parts)!r}")
+                try:
+                    self._set_attrs(fd, None, self._dir_attrs[parts])
+                finally:
+                    os.close(fd)
+        except _CORRUPT:
+            raise
+        except (OSError, ValueError, OverflowError) as e:
+            what = f"member {member.name!r}" if member else "directory attributes"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MigrateError(f"layer {self._digest}: {what}: {reason}") from None
+            raise ImageError(f"layer {self._digest}: cannot extract {what}: {reason}") from None
+        finally:
+            os.close(self._root_fd)
+
+    def _what(self, member: tarfile.TarInfo) -> str:
+        return f"layer {self._digest}: member {member.name!r}"
+
+    def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        parts = _member_parts(m.name, self._what(m))
+        if not parts:  # the "./" entry: the layer root itself
+            if m.isdir():
+                self._dir_attrs[()] = m
+            return
+        parent = self._open_dir(parts[:-1], create=True, what=self._what(m))
+        try:
+            leaf = parts[-1]
+            if leaf.startswith(WHITEOUT_PREFIX):
+                self._whiteout(parent, leaf, m)
+            elif self._make_room(parent, leaf, m):
+                self._create(tar, parent, parts, m)
+        finally:
+            os.close(parent)
+
+    def _open_dir(self, parts: tuple[str, ...], create: bool, what: str) -> int:
+        """An fd of the directory at `parts`, reached without following any symlink."""
+        fd = os.dup(self._root_fd)
+        try:
+            for i, comp in enumerate(parts):
+                nfd = self._open_child(fd, comp, create, what, "/".join(parts[: i + 1]))
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _open_child(fd: int, comp: str, create: bool, what: str, where: str) -> int:
+        try:
+            return os.open(comp, _DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ImageError(f"{what} would be written through {where!r}, which is not a directory") from None
+            raise
+        os.mkdir(comp, 0o700, dir_fd=fd)
+        nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+        os.chmod(nfd, 0o755)  # an implied parent; an explicit entry may set it later
+        return nfd
+
+    def _whiteout(self, parent: int, leaf: str, m: tarfile.TarInfo) -> None:
+        if leaf == OPAQUE_MARKER:
+            self._whiteouts.opaque(parent, m.name)
+            return
+        if leaf.startswith(WHITEOUT_PREFIX * 2):
+            return  # other .wh..wh. names are AUFS bookkeeping, meaningless here
+        name = leaf[len(WHITEOUT_PREFIX) :]
+        if name in ("", ".", ".."):
+            raise ImageError(f"{self._what(m)} is a whiteout of nothing")
+        if _lstat(name, parent) is None:  # a whiteout never hides what its own layer adds
+            self._whiteouts.whiteout(parent, name, m.name)
+
+    def _make_room(self, parent: int, leaf: str, m: tarfile.TarInfo) -> bool:
+        """Clears the way for `m` the way tar does: a later entry replaces an earlier one.
+        Returns False for a directory entry over an existing directory (only its attributes change)."""
+        st = _lstat(leaf, parent)
+        if st is None:
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            if m.isdir():
+                return False
+            raise ImageError(f"{self._what(m)} would replace a directory")
+        os.unlink(leaf, dir_fd=parent)
+        return True
+
+    def _create(self, tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
+        leaf = parts[-1]
+        if m.isreg():
+            fd = os.open(
+                leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
+            try:
+                src = tar.extractfile(m)
+                while chunk := src.read(_CHUNK):
+                    _write_all(fd, chunk)
+                self._set_attrs(fd, None, m)
+            finally:
+                os.close(fd)
+        elif m.isdir():
+            os.mkdir(leaf, 0o700, dir_fd=parent)
+            self._dir_attrs[parts] = m
+            return
+        elif m.issym():
+            os.symlink(m.linkname, leaf, dir_fd=parent)  # may point anywhere: never followed here
+            self._set_attrs(parent, leaf, m)
+        elif m.islnk():
+            self._hardlink(parent, leaf, m)
+        elif m.isfifo() or m.ischr() or m.isblk():
+            self._node(parent, leaf, m)
+            self._set_attrs(parent, leaf, m)
+        else:
+            raise ImageError(f"{self._what(m)} has unsupported tar type {m.type!r}")
+        self._extracted.add(parts)
+
+    def _hardlink(self, parent: int, leaf: str, m: tarfile.TarInfo) -> None:
+        what = f"{self._what(m)} (hard link to {m.linkname!r})"
+        target = _member_parts(m.linkname, what)
+        if target not in self._extracted:
+            raise ImageError(f"{what} does not link to a file extracted before it in this layer")
+        tdir = self._open_dir(target[:-1], create=False, what=what)
+        try:
+            os.link(target[-1], leaf, src_dir_fd=tdir, dst_dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(tdir)
+
+    def _node(self, parent: int, leaf: str, m: tarfile.TarInfo) -> None:
+        if m.isfifo():
+            os.mkfifo(leaf, 0o600, dir_fd=parent)
+            return
+        kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+        try:
+            os.mknod(leaf, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=parent)
+        except PermissionError:
+            raise MigrateError(f"{self._what(m)}: creating device nodes needs root") from None
+
+    def _set_attrs(self, fd: int, leaf: str | None, m: tarfile.TarInfo) -> None:
+        """Owner, then mode (chown clears setuid bits), then mtime; of `fd` itself, or of `leaf` in
+        directory `fd`, which this extractor has just created so it is no symlink unless m is one."""
+        mtime = int(m.mtime * 1_000_000_000)
+        if leaf is None:
+            if self._privileged:
+                os.chown(fd, m.uid, m.gid)
+            os.chmod(fd, m.mode & 0o7777)
+            os.utime(fd, ns=(mtime, mtime))
+            return
+        if self._privileged:
+            os.chown(leaf, m.uid, m.gid, dir_fd=fd, follow_symlinks=False)
+        if not m.issym():  # Linux has no mode for symlinks
+            os.chmod(leaf, m.mode & 0o7777, dir_fd=fd)
+        os.utime(leaf, ns=(mtime, mtime), dir_fd=fd, follow_symlinks=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None

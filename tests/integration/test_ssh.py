@@ -1,0 +1,257 @@
+import dataclasses
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from migrate.hosts import HostSpec, resolve_host
+from migrate.ssh import SSHSession, rsync_ssh_command, rsync_target
+from runtime.errors import RemoteError
+
+root = pytest.mark.root
+
+ECHO_PEER = """\
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("die"):
+        print("peer giving up: " + msg["die"], file=sys.stderr, flush=True)
+        sys.exit(3)
+    print("log line", file=sys.stderr, flush=True)
+    print(json.dumps({"echo": msg}), flush=True)
+"""
+
+
+@root
+def test_each_host_has_its_own_state_root_and_name(test_hosts, monkeypatch):
+    hosts = test_hosts(2)
+    for key, value in hosts.env().items():
+        monkeypatch.setenv(key, value)
+    assert resolve_host("host-b") == hosts.spec("host-b")
+    seen = {}
+    for host in hosts:
+        with SSHSession.connect(hosts.spec(host.name)) as session:
+            assert session.run(["hostname"]) == (0, f"{host.name}\n".encode(), b"")
+            rc, out, _ = session.run(["sh", "-c", 'echo "$MIGRATE_ROOT"'])
+            assert rc == 0
+            seen[host.name] = out.decode().strip()
+    assert seen == {h.name: str(h.root) for h in hosts}
+    assert len(set(seen.values())) == 2
+
+
+HOP = """\
+from migrate.hosts import resolve_host
+from migrate.ssh import SSHSession
+with SSHSession.connect(resolve_host("host-b")) as session:
+    print(session.run(["sh", "-c", "hostname; echo $HOME"])[1].decode(), end="")
+"""
+
+
+@root
+def test_hosts_reach_each_other_by_name(test_hosts):
+    """The tool running on host-a resolves host-b through host-a's own ~/.ssh/config."""
+    hosts = test_hosts(2)
+    repo = Path(__file__).resolve().parents[2]
+    with SSHSession.connect(hosts.spec("host-a")) as session:
+        rc, out, err = session.run(["env", f"PYTHONPATH={repo}", sys.executable, "-c", HOP])
+    assert (rc, out.decode(), err) == (0, f"host-b\n{hosts['host-b'].home}\n", b"")
+
+
+@root
+def test_run_passes_argv_verbatim_and_streams(test_hosts):
+    hosts = test_hosts(1)
+    with SSHSession.connect(hosts.spec("host-a")) as session:
+        tricky = ["a b", "$HOME", "'q'", ";echo no", "*", ""]
+        rc, out, err = session.run(["printf", "%s|", *tricky])
+        assert (rc, out, err) == (0, "|".join(tricky).encode() + b"|", b"")
+        assert session.run(["sh", "-c", "echo oops >&2; exit 3"]) == (3, b"", b"oops\n")
+        # more than the SSH window in both directions at once must not deadlock
+        blob = os.urandom(8 << 20)
+        rc, out, _ = session.run(["cat"], input=blob)
+        assert rc == 0 and out == blob
+        # stdin is closed even without input, so a reader of stdin finishes
+        assert session.run(["cat"]) == (0, b"", b"")
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match="did not finish within 0.5 s"):
+            session.run(["sleep", "30"], timeout=0.5)
+        assert time.monotonic() - started < 5
+        # the session is still usable after a timed-out command
+        assert session.run(["true"])[0] == 0
+
+
+@root
+def test_changed_host_key_is_refused(test_hosts, tmp_path):
+    hosts = test_hosts(2)
+    a, b = hosts["host-a"], hosts["host-b"]
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"{a.ip} {b.host_key}\n")
+    spec = dataclasses.replace(hosts.spec("host-a"), known_hosts_files=(str(wrong),))
+    with pytest.raises(RemoteError, match=r"host key for host-a \(.*\) does not match known_hosts.*refusing"):
+        SSHSession.connect(spec)
+
+
+@root
+def test_unknown_host_key_is_refused_and_not_added(test_hosts, tmp_path):
+    hosts = test_hosts(1)
+    other = tmp_path / "known_hosts"
+    other.write_text("10.0.0.1 " + hosts["host-a"].host_key + "\n")
+    spec = dataclasses.replace(hosts.spec("host-a"), known_hosts_files=(str(other), str(tmp_path / "absent")))
+    with pytest.raises(RemoteError, match=r"is not in known_hosts \(.*known_hosts.*\); add it with ssh-keyscan"):
+        SSHSession.connect(spec)
+    assert other.read_text() == "10.0.0.1 " + hosts["host-a"].host_key + "\n"
+    assert not (tmp_path / "absent").exists()
+
+
+@root
+def test_authentication_failures(test_hosts, tmp_path):
+    hosts = test_hosts(1)
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    spec = hosts.spec("host-a")
+    with pytest.raises(RemoteError, match="authentication as root@host-a .* failed"):
+        SSHSession.connect(dataclasses.replace(spec, identity_files=(str(stranger),)))
+    with pytest.raises(RemoteError, match="no usable identity file"):
+        SSHSession.connect(dataclasses.replace(spec, identity_files=(str(tmp_path / "missing"),)))
+
+
+@root
+def test_rsync_uses_the_same_identity_and_host_keys(test_hosts, tmp_path):
+    hosts = test_hosts(2)
+    source = tmp_path / "src"
+    (source / "sub dir").mkdir(parents=True)
+    (source / "sub dir" / "file one").write_bytes(b"x" * 100_000)
+    (source / "top").write_text("top\n")
+    spec = hosts.spec("host-b")
+    target = hosts["host-b"].root / "copy"
+    result = subprocess.run(
+        ["rsync", "-a", "-e", shlex.join(rsync_ssh_command(spec)), f"{source}/", rsync_target(spec, str(target))],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (target / "sub dir" / "file one").read_bytes() == b"x" * 100_000
+    assert (target / "top").read_text() == "top\n"
+    # the same command refuses a host whose key it does not know
+    stranger = dataclasses.replace(spec, known_hosts_files=(str(tmp_path / "empty"),))
+    (tmp_path / "empty").write_text("")
+    result = subprocess.run(
+        ["rsync", "-a", "-e", shlex.join(rsync_ssh_command(stranger)), f"{source}/", rsync_target(spec, "/tmp/x")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0 and "Host key verification failed" in result.stderr
+
+
+@root
+def test_json_peer_over_open_process(test_hosts):
+    hosts = test_hosts(1)
+    with SSHSession.connect(hosts.spec("host-a")) as session:
+        peer = session.open_process([sys.executable, "-c", ECHO_PEER])
+        for i in range(50):
+            peer.send({"n": i, "text": "line\nbreak é"})
+        for i in range(50):
+            assert peer.recv(timeout=10) == {"echo": {"n": i, "text": "line\nbreak é"}}
+        with pytest.raises(RemoteError, match="no message from"):
+            peer.recv(timeout=0.2)
+        assert peer.close() == 0
+
+        dying = session.open_process([sys.executable, "-c", ECHO_PEER])
+        dying.send({"die": "bad request"})
+        with pytest.raises(RemoteError, match=r"exited \(status 3\): peer giving up: bad request"):
+            dying.recv(timeout=10)
+        assert dying.close() == 3
+
+        liar = session.open_process(["echo", "not json"])
+        with pytest.raises(RemoteError, match="not JSON"):
+            liar.recv(timeout=10)
+        liar.close()
+
+
+@root
+def test_tool_config_command_and_root_reach_the_host(test_hosts):
+    show = [sys.executable, "-c", "import os, sys; print(os.environ['MIGRATE_ROOT'], *sys.argv[1:], sep='|')"]
+    hosts = test_hosts(1, remote_command=show)
+    spec = hosts.spec("host-a")
+    assert spec.remote_command == tuple(show)
+    with SSHSession.connect(spec) as session:
+        rc, out, _ = session.run(spec.remote_argv("agent", "a b"))
+        assert (rc, out.decode()) == (0, f"{hosts['host-a'].root}|agent|a b\n")
+        other_root = dataclasses.replace(spec, remote_root="/elsewhere", remote_env=(("X", "1"),))
+        assert session.run(other_root.remote_argv())[1] == b"/elsewhere\n"
+
+
+@root
+def test_teardown_leaves_nothing(test_hosts):
+    hosts = test_hosts(2)
+    with SSHSession.connect(hosts.spec("host-a")) as session:
+        # a session process that outlives both the command and sshd itself
+        _, out, _ = session.run(["sh", "-c", "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!"])
+        leftover = int(out)
+    (hosts["host-b"].root / "mnt").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(hosts["host-b"].root / "mnt")], check=True)
+    names = [h.netns for h in hosts]
+    pids = [h.sshd_pid for h in hosts] + [leftover]
+    hosts.teardown()
+
+    assert not set(names) & set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert hosts.bridge not in links
+    assert not any(h.veth in links for h in hosts)
+    for pid in pids:
+        assert not _alive(pid), pid
+    assert not hosts.base.exists()
+    assert str(hosts.base) not in Path("/proc/self/mountinfo").read_text()
+
+
+@root
+def test_lost_connection_is_an_error_not_a_status(test_hosts):
+    hosts = test_hosts(1)
+    session = SSHSession.connect(hosts.spec("host-a"))
+    threading.Timer(0.3, session.close).start()
+    with pytest.raises(RemoteError, match="lost the connection to host-a while running `sleep 30`"):
+        session.run(["sleep", "30"], timeout=10)
+    with pytest.raises(RemoteError, match="connection to host-a is closed"):
+        session.run(["true"])
+
+
+def _alive(pid):
+    """A zombie waiting for PID 1 to reap it holds nothing, so it counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _loopback_spec(port):
+    return HostSpec("lo-test", "127.0.0.1", port, "root", (), ())
+
+
+def test_connection_refused_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RemoteError, match=rf"connection to lo-test \(127.0.0.1\) at 127.0.0.1:{port} refused"):
+        SSHSession.connect(_loopback_spec(port))
+
+
+def test_silent_server_times_out():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(RemoteError, match="did not complete the SSH handshake within 0.5 s"):
+            SSHSession.connect(_loopback_spec(s.getsockname()[1]), timeout=0.5)
+
+
+def test_unresolvable_name(monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    spec = dataclasses.replace(_loopback_spec(22), hostname="nowhere.invalid")
+    with pytest.raises(RemoteError, match="cannot resolve host name nowhere.invalid: Name or service not known"):
+        SSHSession.connect(spec)
