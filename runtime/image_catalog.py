@@ -1,5 +1,7 @@
 """Images as the host knows them: imported archives in the catalog, their layers in the store."""
 
+from __future__ import annotations  # the method `list` shadows the builtin in later annotations
+
 import time
 from pathlib import Path
 
