@@ -13,14 +13,22 @@ from runtime.snapshots import Snapshots
 from runtime.spec import parse_size
 
 from . import output
+from .agent import serve
+from .controller import Migration
+from .preflight import MODES
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict with current state,
 5 bad image, 6 CRIU failure, 7 remote host failure, 8 migration failed and rolled back"""
 
 
+VERBS = ("image", "run", "ps", "logs", "exec", "stop", "rm", "checkpoint", "snapshots", "snapshot", "restore",
+         "move", "agent")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="migrate",
+        usage="migrate NAME HOST [--mode auto|copy|lazy] [--json]\n       migrate COMMAND ...",
         description="Run containers, checkpoint and restore them, and move them live between hosts.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -81,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
                                                                                metavar="ACTION")
     srm = snap.add_parser("rm", help="remove a snapshot")
     srm.add_argument("id")
+
+    mv = sub.add_parser("move", help="move a running container live to another host (same as: migrate NAME HOST)")
+    mv.add_argument("name")
+    mv.add_argument("host", help="a host as ssh knows it (~/.ssh/config, MIGRATE_SSH_CONFIG)")
+    mv.add_argument("--mode", choices=MODES, default="auto",
+                    help="copy: freeze, copy everything, restore; lazy: restore at once, memory follows; "
+                         "auto: lazy when both hosts support it")
+    mv.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    mv.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+    sub.add_parser("agent", help="(internal) the remote side of a migration, spoken to over SSH")
 
     rs = sub.add_parser("restore", help="bring a checkpointed container back, running")
     rs.add_argument("--snapshot", metavar="ID|TAG", help="default: the latest snapshot")
@@ -178,6 +197,16 @@ def dispatch(a) -> int:
                 raise InvalidInput("usage: migrate snapshot rm ID")
             Snapshots(rt).remove(a.id)
             return 0
+        if a.verb == "move":
+            stats = Migration(rt, a.name, a.host, a.mode, ssh_config=a.ssh_config).run()
+            if a.json:
+                output.print_json(stats.to_json())
+            else:
+                output.out.print(f"{a.name} now runs on {a.host}")
+                stats.print()
+            return 0
+        if a.verb == "agent":
+            return serve()
         if a.verb == "restore":
             rec = Snapshots(rt).restore(a.name, a.snapshot, a.new_name)
             output.out.print(f"{rec.name} running (pid {rec.pid})")
@@ -187,8 +216,15 @@ def dispatch(a) -> int:
         rt.close()
 
 
+def _with_default_verb(argv: list[str]) -> list[str]:
+    """`migrate NAME HOST` is `migrate move NAME HOST`: the main job gets the shortest form."""
+    if argv and not argv[0].startswith("-") and argv[0] not in VERBS:
+        return ["move", *argv]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_with_default_verb(sys.argv[1:] if argv is None else argv))
     if os.geteuid() != 0 and args.verb not in (None,):
         output.err.print("migrate: error: must run as root (namespaces, mounts and CRIU need it)")
         return 2

@@ -79,9 +79,7 @@ class Runtime:
 
     def run(self, req: RunRequest) -> ContainerRecord:
         spec = self.build_spec(req)
-        for digest in spec.layers:
-            if not self.layers.has(digest):
-                raise NotFound(f"layer {digest} of {spec.image} is missing from the layer store")
+        self.require_layers(spec)
         self.create_record(spec)
         try:
             self.spawn_shim(spec.name, "start")
@@ -89,6 +87,11 @@ class Runtime:
             self.discard(spec.name)
             raise
         return self.catalog.container(spec.name)
+
+    def require_layers(self, spec: ContainerSpec) -> None:
+        for digest in spec.layers:
+            if not self.layers.has(digest):
+                raise NotFound(f"layer {digest} of {spec.image} is missing from the layer store")
 
     def create_record(self, spec: ContainerSpec, state: str = states.CREATED) -> None:
         """Catalog entry, folders and planned cgroups: the parts a start or restore builds on."""
@@ -159,14 +162,22 @@ class Runtime:
         states.check("remove", rec.state, name)
         self.discard(name)
 
-    def discard(self, name: str) -> None:
-        """Remove every trace of a container that has no running process."""
+    def release(self, name: str) -> None:
+        """Free a container's kernel resources after a failed start or restore: processes left in
+        its cgroups (killed by PID), mounts under its folder, the cgroups themselves."""
         rec = self.catalog.find_container(name)
-        cdir = self.root.container_dir(name)
-        rootfs.unmount_all(cdir)
+        if rec is not None:
+            cgroups = Cgroups(rec.cgroups)
+            for pid in cgroups.pids():
+                _signal(pid, signal.SIGKILL)
+        rootfs.unmount_all(self.root.container_dir(name))
         if rec is not None:
             Cgroups(rec.cgroups).remove()
-        shutil.rmtree(cdir, ignore_errors=True)
+
+    def discard(self, name: str) -> None:
+        """Remove every trace of a container that has no running process."""
+        self.release(name)
+        shutil.rmtree(self.root.container_dir(name), ignore_errors=True)
         self.catalog.remove_container(name)
 
     # looking inside

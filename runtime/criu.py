@@ -207,6 +207,10 @@ class Criu:
         m = re.search(r"Version:\s*(\S+)", out)
         return m.group(1) if m else "unknown"
 
+    def has_feature(self, feature: str) -> bool:
+        p = subprocess.run([self.binary, "check", "--feature", feature], capture_output=True, timeout=60)
+        return p.returncode == 0
+
     def check(self) -> tuple[bool, str]:
         """`criu check` as a subprocess (pycriu's check() is broken with 4.1.1)."""
         p = subprocess.run([self.binary, "check"], capture_output=True, text=True, timeout=60)

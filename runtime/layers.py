@@ -160,6 +160,30 @@ class LayerStore:
             raise
         return True
 
+    def files_of(self, digest: str) -> tuple[Path, Path]:
+        """The extracted tree and its sidecar: what another host needs to hold the layer."""
+        layer = self.path_of(digest)
+        return layer, layer.with_suffix(".json")
+
+    def staging_dir(self) -> Path:
+        """A fresh folder on the store's filesystem, for layers arriving from another host."""
+        self._tmp().mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self._tmp(), prefix="incoming-"))
+
+    def adopt(self, digest: str, staged: Path) -> bool:
+        """Move a layer copied into `staged` (by files_of's names) into the store; False if present."""
+        hex_ = parse_digest(digest)
+        tree, sidecar = staged / hex_, staged / f"{hex_}.json"
+        if self.has(digest):
+            return False
+        if not tree.is_dir() or not sidecar.is_file():
+            raise ImageError(f"layer {digest} did not arrive complete")
+        (self.path / "sha256").mkdir(parents=True, exist_ok=True)
+        final = self.path / "sha256" / hex_
+        sidecar.rename(final.with_suffix(".json"))  # the sidecar first, as in add_from_stream
+        tree.rename(final)
+        return True
+
     def _verify_present(self, digest: str, fileobj: BinaryIO, size: int | None, diff_id: str | None) -> None:
         blob = _Digesting(fileobj)
         _drain(blob)

@@ -12,9 +12,10 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from . import rootfs, states
+from . import faults, rootfs, states
 from .container import Runtime
 from .criu import Criu, DumpOptions
 from .errors import Conflict, MigrateError, NotFound
@@ -56,6 +57,32 @@ def tree_size(path: Path) -> int:
     return total
 
 
+def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
+         on_notify: Callable[[str], None] | None = None) -> None:
+    """Checkpoint a running container into the new folder sdir (images, spec, stdio identities).
+
+    on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
+    CRIU resumes the tree and the dump fails. Any other notification goes to on_notify.
+    """
+    sdir.mkdir(mode=0o700)
+    (sdir / "images").mkdir(mode=0o700)
+    (sdir / SPEC_FILE).write_text(rec.spec.to_json())
+    (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid)}))
+
+    def notified(script: str, _pid: int) -> None:
+        if script == "post-dump":
+            on_frozen()
+        elif on_notify is not None:
+            on_notify(script)
+
+    opts = DumpOptions(
+        pid=rec.pid,
+        leave_running=leave_running,
+        external=tuple(f"mnt[{v.container_path}]:{v.criu_key}" for v in rec.spec.volumes),
+    )
+    Criu().dump(opts, sdir / "images", notified)
+
+
 class Snapshots:
     def __init__(self, runtime: Runtime):
         self.rt = runtime
@@ -88,66 +115,65 @@ class Snapshots:
 
     def _dump(self, rec: ContainerRecord, sdir: Path, leave_running: bool) -> None:
         """CRIU dump into sdir; the upper dir and log are copied while the tree is still frozen."""
-        self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sdir.mkdir(mode=0o700)
-        (sdir / "images").mkdir(mode=0o700)
         cdir = self.root.container_dir(rec.name)
-        (sdir / SPEC_FILE).write_text(rec.spec.to_json())
-        (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid)}))
 
-        def on_notify(script: str, _pid: int) -> None:
-            if script == "post-dump":
-                copy_tree(cdir / "upper", sdir / "upper")
-                if (cdir / "container.log").exists():
-                    shutil.copy2(cdir / "container.log", sdir / "container.log")
+        def copy_files() -> None:
+            copy_tree(cdir / "upper", sdir / "upper")
+            if (cdir / "container.log").exists():
+                shutil.copy2(cdir / "container.log", sdir / "container.log")
 
-        opts = DumpOptions(
-            pid=rec.pid,
-            leave_running=leave_running,
-            external=tuple(f"mnt[{v.container_path}]:{v.criu_key}" for v in rec.spec.volumes),
-        )
-        Criu().dump(opts, sdir / "images", on_notify)
+        self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dump(rec, sdir, leave_running, copy_files)
 
     def restore(self, name: str, ref: str | None = None, new_name: str | None = None) -> ContainerRecord:
         snap = self._find(name, ref)
-        target = validate_name(new_name or name)
-        sdir = self.root.snapshot_dir(snap.id)
-        spec = ContainerSpec.from_json((sdir / SPEC_FILE).read_text()).renamed(target)
-        for digest in spec.layers:
-            if not self.rt.layers.has(digest):
-                raise NotFound(f"layer {digest} of {spec.image} is missing from the layer store")
-        existing = self.catalog.find_container(target)
+        return self.restore_dir(self.root.snapshot_dir(snap.id), validate_name(new_name or name), move=False)
+
+    def restore_dir(self, sdir: Path, name: str, move: bool) -> ContainerRecord:
+        """Bring back the container checkpointed in sdir as NAME.
+
+        move=False keeps sdir intact (a snapshot); move=True takes its upper dir and log
+        (a migration's incoming folder, used once).
+        """
+        spec = ContainerSpec.from_json((sdir / SPEC_FILE).read_text()).renamed(name)
+        self.rt.require_layers(spec)
+        existing = self.catalog.find_container(name)
         if existing is None:
             self.rt.create_record(spec)
             previous = None
         else:
-            states.check("restore", existing.state, target)
+            states.check("restore", existing.state, name)
             previous = existing.state
-            self.catalog.set_fields(target, spec=spec.to_json())
+            self.catalog.set_fields(name, spec=spec.to_json())
         try:
-            self._prepare_dir(target, sdir, keep_log=existing is not None)
-            self.catalog.transition(target, "restore")
-            self.rt.spawn_shim(target, "restore", sdir)
+            self._prepare_dir(name, sdir, keep_log=existing is not None, move=move)
+            self.catalog.transition(name, "restore")
+            faults.point("restore")
+            self.rt.spawn_shim(name, "restore", sdir)
         except BaseException:
+            self.rt.release(name)
             if previous is None:
-                self.rt.discard(target)
+                self.rt.discard(name)
             else:
-                self.catalog.set_fields(target, state=previous)
+                self.catalog.set_fields(name, state=previous)
             raise
-        return self.catalog.container(target)
+        return self.catalog.container(name)
 
-    def _prepare_dir(self, name: str, sdir: Path, keep_log: bool) -> None:
-        """A fresh upper dir from the snapshot; the log continues (or starts from the snapshot's copy)."""
+    def _prepare_dir(self, name: str, sdir: Path, keep_log: bool, move: bool) -> None:
+        """A fresh upper dir from sdir; the log continues (or starts from sdir's copy)."""
         cdir = self.root.container_dir(name)
         rootfs.unmount_all(cdir)
         for sub in ("upper", "work"):
             shutil.rmtree(cdir / sub, ignore_errors=True)
-        copy_tree(sdir / "upper", cdir / "upper")
+        if move:
+            (sdir / "upper").rename(cdir / "upper")
+        else:
+            copy_tree(sdir / "upper", cdir / "upper")
         (cdir / "work").mkdir()
         (cdir / "rootfs").mkdir(exist_ok=True)
         log = cdir / "container.log"
         if (not keep_log or not log.exists()) and (sdir / "container.log").exists():
-            shutil.copy2(sdir / "container.log", log)
+            (os.rename if move else shutil.copy2)(sdir / "container.log", log)
 
     def _find(self, name: str, ref: str | None) -> SnapshotRecord:
         if ref is not None:

@@ -111,10 +111,15 @@ class Catalog:
             (rec.name, rec.id, json.dumps(rec.layers), json.dumps(rec.config), rec.size, rec.created),
         )
 
-    def image(self, name: str) -> ImageRecord:
-        row = self._db.execute("SELECT * FROM images WHERE name=? OR id=?", (name, name)).fetchone()
+    def image(self, ref: str) -> ImageRecord:
+        """By name (`busybox` means `busybox:latest`), full id, or id prefix of 12 or more hex digits."""
+        name = ref if ":" in ref.rpartition("/")[2] else f"{ref}:latest"
+        row = self._db.execute("SELECT * FROM images WHERE name=? OR id=?", (name, ref)).fetchone()
+        if row is None and len(ref) >= 12 and all(c in "0123456789abcdef" for c in ref):
+            rows = self._db.execute("SELECT * FROM images WHERE id LIKE ?", (f"sha256:{ref}%",)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
         if row is None:
-            raise NotFound(f"no such image: {name}")
+            raise NotFound(f"no such image: {ref}")
         return _image(row)
 
     def images(self) -> list[ImageRecord]:

@@ -1,0 +1,135 @@
+"""`migrate agent`: the target side of a migration, spoken to over the SSH connection.
+
+One JSON request per line on stdin, one JSON answer per line on stdout. The agent remembers
+what the current migration has made on this host, so when the connection drops before the
+controller says `commit`, everything is undone here: the source still has the container
+(CRIU resumes it when the controller's post-dump hook fails), and it must not run twice.
+"""
+
+import base64
+import json
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.container import Runtime
+from runtime.criu import Criu
+from runtime.errors import Conflict, InvalidInput, MigrateError, NotFound
+from runtime.facts import cpuinfo_check, host_facts
+from runtime.snapshots import Snapshots
+from runtime.spec import validate_name
+
+PROTOCOL = 1
+
+
+@dataclass
+class _Pending:
+    """What the current migration has created on this host so far."""
+
+    name: str
+    incoming: Path
+    staging: Path
+    restored: bool = False
+    committed: bool = False
+    adopted: list[str] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.pending: _Pending | None = None
+
+    def handle(self, msg: dict) -> dict:
+        op = msg.get("op")
+        method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if method is None:
+            raise InvalidInput(f"unknown agent request {op!r}")
+        return method(msg)
+
+    def op_hello(self, _msg: dict) -> dict:
+        return {"protocol": PROTOCOL,
+                "facts": host_facts(self.rt.root, self.rt.catalog, self.rt.layers.digests())}
+
+    def op_cpuinfo_check(self, msg: dict) -> dict:
+        ok, message = cpuinfo_check(Criu(), base64.b64decode(msg["image"]))
+        return {"compatible": ok, "message": message}
+
+    def op_prepare(self, msg: dict) -> dict:
+        name = validate_name(msg["name"])
+        if self.rt.catalog.find_container(name) is not None:
+            raise Conflict(f"a container named {name} already exists on this host")
+        missing = [v for v in msg.get("volumes", []) if not Path(v).exists()]
+        if missing:
+            raise NotFound(f"volume source(s) missing on this host: {', '.join(missing)}")
+        self.abort()
+        incoming = self.rt.root.root / "incoming" / name
+        shutil.rmtree(incoming, ignore_errors=True)  # a stale attempt that died with its agent
+        incoming.mkdir(parents=True, mode=0o700)
+        self.pending = _Pending(name, incoming, self.rt.layers.staging_dir())
+        return {"incoming": str(incoming), "staging": str(self.pending.staging)}
+
+    def op_adopt_layers(self, msg: dict) -> dict:
+        p = self._pending(msg)
+        for digest in msg["digests"]:
+            if self.rt.layers.adopt(digest, p.staging):
+                p.adopted.append(digest)
+        return {"adopted": len(p.adopted)}
+
+    def op_restore(self, msg: dict) -> dict:
+        p = self._pending(msg)
+        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True)
+        p.restored = True
+        shutil.rmtree(p.incoming, ignore_errors=True)
+        return {"pid": rec.pid}
+
+    def op_commit(self, msg: dict) -> dict:
+        p = self._pending(msg)
+        p.committed = True
+        shutil.rmtree(p.staging, ignore_errors=True)
+        self.pending = None
+        return {}
+
+    def op_abort(self, _msg: dict) -> dict:
+        self.abort()
+        return {}
+
+    def abort(self) -> None:
+        """Undo an uncommitted migration: the container (if restored), its files, staged layers."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        if self.rt.catalog.find_container(p.name) is not None:
+            rec = self.rt.catalog.container(p.name)
+            if rec.state == "running":
+                self.rt.stop(p.name, timeout=0)
+            self.rt.discard(p.name)
+        shutil.rmtree(p.incoming, ignore_errors=True)
+        shutil.rmtree(p.staging, ignore_errors=True)
+
+    def _pending(self, msg: dict) -> _Pending:
+        if self.pending is None or self.pending.name != msg.get("name"):
+            raise Conflict(f"no migration of {msg.get('name')!r} is being prepared here")
+        return self.pending
+
+
+def serve(inp=sys.stdin, out=sys.stdout) -> int:
+    """Answer requests until EOF; an uncommitted migration is undone on the way out."""
+    rt = Runtime()
+    agent = Agent(rt)
+    try:
+        for line in inp:
+            try:
+                answer = {"ok": True, **agent.handle(json.loads(line))}
+            except MigrateError as e:
+                answer = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+            except Exception as e:  # noqa: BLE001 - reported to the controller, logged here
+                traceback.print_exc(file=sys.stderr)
+                answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 1}
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+    finally:
+        agent.abort()
+        rt.close()
+    return 0

@@ -1,0 +1,55 @@
+"""Can this container move to that host, and how? Pure comparisons of the two hosts' facts.
+
+Everything here runs before anything is frozen, so a refusal changes nothing.
+"""
+
+from dataclasses import dataclass
+
+from runtime.facts import LAZY_PIPE_SIZE
+
+from .output import human_size
+
+MODES = ("auto", "copy", "lazy")
+DISK_HEADROOM = 1.2
+
+
+@dataclass(frozen=True)
+class Verdict:
+    mode: str
+    problems: tuple[str, ...]
+
+
+def version_tuple(version: str | None) -> tuple[int, ...]:
+    parts = []
+    for piece in (version or "").split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy_implemented: bool = True) -> Verdict:
+    """The mode to use and every reason the migration cannot go ahead (empty when it can)."""
+    host = remote.get("hostname", "the target")
+    problems = []
+    if not remote.get("criu_ok"):
+        problems.append(f"criu does not work on {host}: {remote.get('criu_message') or 'criu check failed'}")
+    elif version_tuple(remote.get("criu_version")) < version_tuple(local.get("criu_version")):
+        problems.append(f"{host} has CRIU {remote.get('criu_version')}, older than {local.get('criu_version')} "
+                        "here: its restore cannot read these images (install the same or a newer CRIU there)")
+    if name in remote.get("containers", ()):
+        problems.append(f"a container named {name} already exists on {host}")
+    free = remote.get("free_bytes", 0)
+    if free < need_bytes * DISK_HEADROOM:
+        problems.append(f"{host} has {human_size(free)} free under {remote.get('root')}, "
+                        f"the migration needs about {human_size(int(need_bytes * DISK_HEADROOM))}")
+    lazy_possible = lazy_implemented and bool(remote.get("lazy_pages")) and bool(local.get("lazy_pages"))
+    if mode == "lazy" and not lazy_possible:
+        why = "this build" if not lazy_implemented else (host if not remote.get("lazy_pages") else "this host")
+        problems.append(f"lazy mode needs userfaultfd (criu check --feature uffd-noncoop) and is not available on {why}")
+    chosen = mode if mode != "auto" else ("lazy" if lazy_possible else "copy")
+    return Verdict(chosen, tuple(problems))
+
+
+def needs_pipe_size(local: dict) -> bool:
+    """Lazy dumps need big pipes on the source (else `page-pipe: tee: ... Operation not permitted`)."""
+    return local.get("pipe_max_size", 0) < LAZY_PIPE_SIZE

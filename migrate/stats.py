@@ -1,0 +1,44 @@
+"""What one migration cost: downtime, total time, time per phase, bytes per kind."""
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .output import human_size, print_table
+
+BYTE_KINDS = ("layers", "upper", "images", "pages")
+
+
+@dataclass
+class MigrationStats:
+    container: str
+    source: str
+    target: str
+    mode: str = "copy"
+    phases: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KINDS, 0))
+    downtime: float = 0.0
+    total: float = 0.0
+    frozen_at: float | None = None
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - start
+
+    def to_json(self) -> dict:
+        return {"container": self.container, "source": self.source, "target": self.target, "mode": self.mode,
+                "downtime_s": round(self.downtime, 4), "total_s": round(self.total, 4),
+                "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
+                "bytes": dict(self.bytes), "bytes_total": sum(self.bytes.values())}
+
+    def print(self) -> None:
+        rows = [("downtime", f"{self.downtime:.3f} s", "frozen on the source until running on the target"),
+                ("total", f"{self.total:.3f} s", f"{self.mode} mode, {self.source} -> {self.target}")]
+        rows += [(f"  {k}", f"{v:.3f} s", "") for k, v in self.phases.items()]
+        rows += [(f"bytes {k}", human_size(v), "") for k, v in self.bytes.items()]
+        rows.append(("bytes total", human_size(sum(self.bytes.values())), ""))
+        print_table(("", "VALUE", ""), rows)

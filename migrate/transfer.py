@@ -1,0 +1,98 @@
+"""Moving files to the other host: which layers it lacks, and rsync over SSH with progress.
+
+rsync uses OpenSSH with the same user, key and known_hosts as the control connection, and
+one multiplexed SSH connection (ControlMaster) for all its runs, so the runs inside the
+freeze window do not pay for a new SSH login each.
+"""
+
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from runtime.errors import RemoteError
+
+from .hosts import HostSpec
+from .output import err
+from .ssh import rsync_ssh_command, rsync_target
+
+RSYNC_FLAGS = ("-aHAX", "--numeric-ids", "--stats", "--info=progress2", "--no-inc-recursive")
+_PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%")
+_SENT = re.compile(r"Total bytes sent:\s*([\d,]+)")
+PROGRESS_AFTER = 1.0
+
+
+def missing_layers(wanted: Iterable[str], present: Iterable[str]) -> list[str]:
+    """The layers to send: wanted ones the other host lacks, in order, each once."""
+    have = set(present)
+    out: list[str] = []
+    for digest in wanted:
+        if digest not in have and digest not in out:
+            out.append(digest)
+    return out
+
+
+@dataclass
+class Rsync:
+    spec: HostSpec
+    control_dir: Path
+
+    def ssh_argv(self) -> list[str]:
+        return [*rsync_ssh_command(self.spec),
+                "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C", "-o", "ControlPersist=120",
+                "-o", "Ciphers=^aes128-gcm@openssh.com"]
+
+    def argv(self, sources: list[Path], dest: str, delete: bool = False) -> list[str]:
+        argv = ["rsync", *RSYNC_FLAGS, "-e", shlex.join(self.ssh_argv())]
+        if delete:
+            argv.append("--delete")
+        return [*argv, "--", *map(str, sources), rsync_target(self.spec, dest)]
+
+    def send(self, sources: list[Path], dest: str, label: str, total: int, delete: bool = False) -> int:
+        """Copy sources into dest on the host; returns the bytes rsync sent. A bar after a second."""
+        argv = self.argv(sources, dest, delete)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started = time.monotonic()
+        progress = task = None
+        output: list[bytes] = []
+        for line in _lines(proc.stdout):
+            output.append(line)
+            m = _PROGRESS.match(line)
+            if not m:
+                continue
+            if progress is None and time.monotonic() - started > PROGRESS_AFTER and err.is_terminal:
+                progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                    TimeRemainingColumn(), console=err, transient=True)
+                progress.start()
+                task = progress.add_task(label, total=max(total, 1))
+            if progress is not None:
+                progress.update(task, completed=int(m.group(1).replace(b",", b"")))
+        stderr = proc.stderr.read().decode(errors="replace")
+        code = proc.wait()
+        if progress is not None:
+            progress.stop()
+        if code != 0:
+            last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [f"exit status {code}"]
+            raise RemoteError(f"rsync of {label} to {self.spec.alias} failed: {last[0]}")
+        m = _SENT.search(b"\n".join(output).decode(errors="replace"))
+        return int(m.group(1).replace(",", "")) if m else 0
+
+    def close(self) -> None:
+        """End the shared SSH connection."""
+        subprocess.run([*self.ssh_argv(), "-O", "exit", self.spec.alias], capture_output=True, timeout=30)
+
+
+def _lines(stream):
+    """rsync ends progress lines with \\r: split on both."""
+    buf = b""
+    while chunk := stream.read1(65536):
+        buf += chunk
+        *done, buf = re.split(rb"[\r\n]", buf)
+        yield from done
+    if buf:
+        yield buf
