@@ -41,4 +41,4 @@ class MigrationStats:
         rows += [(f"  {k}", f"{v:.3f} s", "") for k, v in self.phases.items()]
         rows += [(f"bytes {k}", human_size(v), "") for k, v in self.bytes.items()]
         rows.append(("bytes total", human_size(sum(self.bytes.values())), ""))
-        print_table(("", "VALUE", ""), rows)
+        print_table(("MEASURE", "VALUE", "NOTE"), rows)
