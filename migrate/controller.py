@@ -109,7 +109,7 @@ class Migration:
                 verdict = preflight.Verdict(verdict.mode, (f"the CPU of {self.spec.alias} cannot run processes "
                                                            f"dumped here: {cpu['message']}",))
         if verdict.problems:
-            raise MigrateError(f"cannot migrate {self.name} to {self.spec.alias}: " + "; ".join(verdict.problems))
+            raise MigrationFailed(f"cannot migrate {self.name} to {self.spec.alias}: " + "; ".join(verdict.problems))
         self.stats.mode = verdict.mode
 
     def _transfer(self, agent: Agent, rsync: Rsync, remote: dict, outgoing: Path) -> None:
