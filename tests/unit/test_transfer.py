@@ -1,0 +1,42 @@
+import shlex
+from pathlib import Path
+
+from migrate.hosts import HostSpec
+from migrate.stats import MigrationStats
+from migrate.transfer import Rsync, missing_layers
+
+
+def test_only_missing_layers_in_order_each_once():
+    assert missing_layers(["a", "b", "a", "c"], ["b"]) == ["a", "c"]
+    assert missing_layers(["a"], ["a"]) == []
+
+
+def spec() -> HostSpec:
+    return HostSpec(alias="host-b", hostname="10.0.0.3", port=2222, user="root", identity_files=("/k",),
+                    known_hosts_files=("/kh",), ssh_config="/cfg")
+
+
+def test_rsync_argv_uses_strict_ssh_and_a_shared_connection():
+    argv = Rsync(spec(), Path("/run/cm")).argv([Path("/x/upper")], "/root/in/", delete=True)
+    assert argv[0] == "rsync" and "-aHAX" in argv and "--numeric-ids" in argv and "--delete" in argv
+    assert argv[-3:] == ["--", "/x/upper", "host-b:/root/in/"]
+    ssh = shlex.split(argv[argv.index("-e") + 1])
+    assert ssh[0] == "ssh" and "StrictHostKeyChecking=yes" in ssh and "BatchMode=yes" in ssh
+    assert "ControlPath=/run/cm/%C" in ssh and ["-p", "2222"] == ssh[ssh.index("-p"):ssh.index("-p") + 2]
+    assert "UserKnownHostsFile=/kh" in ssh
+
+
+def test_rsync_argv_keeps_hostile_paths_as_single_arguments():
+    argv = Rsync(spec(), Path("/run/cm")).argv([Path("/x/a b;rm -rf ~")], "/in/")
+    assert "/x/a b;rm -rf ~" in argv
+
+
+def test_stats_json():
+    s = MigrationStats("c1", "host-a", "host-b")
+    with s.phase("layers"):
+        pass
+    s.bytes["images"] = 10
+    s.downtime, s.total = 0.5, 2.0
+    j = s.to_json()
+    assert j["bytes_total"] == 10 and set(j["bytes"]) == {"layers", "upper", "images", "pages"}
+    assert "layers" in j["phases_s"] and j["downtime_s"] == 0.5
