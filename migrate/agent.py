@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime import states
 from runtime.container import Runtime
 from runtime.criu import Criu
 from runtime.errors import Conflict, InvalidInput, MigrateError, NotFound
@@ -102,7 +103,7 @@ class Agent:
             return
         if self.rt.catalog.find_container(p.name) is not None:
             rec = self.rt.catalog.container(p.name)
-            if rec.state == "running":
+            if rec.state == states.RUNNING:
                 self.rt.stop(p.name, timeout=0)
             self.rt.discard(p.name)
         shutil.rmtree(p.incoming, ignore_errors=True)

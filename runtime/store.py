@@ -171,8 +171,7 @@ class Catalog:
 
     def update_if_state(self, name: str, expected: str, **fields) -> bool:
         """Set fields only while the container is still in `expected` (used by the shim)."""
-        cols = ", ".join(f"{k}=?" for k in fields)
-        values = [json.dumps(v) if k == "cgroups" else v for k, v in fields.items()]
+        cols, values = _assignments(fields)
         cur = self._db.execute(f"UPDATE containers SET {cols} WHERE name=? AND state=?", (*values, name, expected))
         return cur.rowcount == 1
 
@@ -180,8 +179,7 @@ class Catalog:
         self._update(name, **fields)
 
     def _update(self, name: str, **fields) -> None:
-        cols = ", ".join(f"{k}=?" for k in fields)
-        values = [json.dumps(v) if k == "cgroups" else v for k, v in fields.items()]
+        cols, values = _assignments(fields)
         self._db.execute(f"UPDATE containers SET {cols} WHERE name=?", (*values, name))
 
     def remove_container(self, name: str) -> None:
@@ -218,6 +216,17 @@ class Catalog:
 
     def remove_snapshot(self, snapshot_id: str) -> None:
         self._db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+
+_CONTAINER_COLUMNS = frozenset({"state", "spec", "pid", "shim_pid", "cgroups", "started", "finished", "exit_code"})
+
+
+def _assignments(fields: dict) -> tuple[str, list]:
+    """SET clause and values; column names come from code, never from input, and are checked."""
+    unknown = set(fields) - _CONTAINER_COLUMNS
+    if unknown:
+        raise ValueError(f"not container columns: {sorted(unknown)}")
+    return ", ".join(f"{k}=?" for k in fields), [json.dumps(v) if k == "cgroups" else v for k, v in fields.items()]
 
 
 def _image(row) -> ImageRecord:
