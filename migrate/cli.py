@@ -25,8 +25,15 @@ VERBS = ("image", "run", "ps", "logs", "exec", "stop", "rm", "checkpoint", "snap
          "move", "agent")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"migrate: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="migrate",
         usage="migrate NAME HOST [--mode auto|copy|lazy] [--json]\n       migrate COMMAND ...",
         description="Run containers, checkpoint and restore them, and move them live between hosts.",
@@ -224,7 +231,11 @@ def _with_default_verb(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(_with_default_verb(sys.argv[1:] if argv is None else argv))
+    try:
+        args = _parser().parse_args(_with_default_verb(sys.argv[1:] if argv is None else argv))
+    except MigrateError as e:  # raised by a type= converter such as parse_size
+        output.err.print(f"migrate: error: {e}", markup=False)
+        return e.exit_code
     if os.geteuid() != 0 and args.verb not in (None,):
         output.err.print("migrate: error: must run as root (namespaces, mounts and CRIU need it)")
         return 2
