@@ -6,6 +6,7 @@ the protobuf messages from `pycriu.rpc_pb2` over the swrk socket itself. Option 
 pure (dataclass -> criu_req), so it is unit-tested without CRIU.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -146,11 +147,11 @@ class _Session:
 
     def call(self, req, on_notify: Callable[[str, int], None] | None):
         rpc = _rpc()
-        self.sock.send(req.SerializeToString())
+        self._send(req)
         while True:
-            data = self.sock.recv(MAX_MESSAGE)
+            data = self._recv()
             if not data:
-                raise CriuError("criu exited without answering")
+                raise CriuError(f"CRIU ({self.binary}) exited without answering")
             resp = rpc.criu_resp()
             resp.ParseFromString(data)
             if resp.type != rpc.NOTIFY:
@@ -159,9 +160,22 @@ class _Session:
                 if on_notify:
                     on_notify(resp.notify.script, resp.notify.pid)
             except BaseException:
-                self.sock.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False).SerializeToString())
+                with contextlib.suppress(CriuError):  # the hook's own error is the one to report
+                    self._send(rpc.criu_req(type=rpc.NOTIFY, notify_success=False))
                 raise
-            self.sock.send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True).SerializeToString())
+            self._send(rpc.criu_req(type=rpc.NOTIFY, notify_success=True))
+
+    def _send(self, req) -> None:
+        try:
+            self.sock.send(req.SerializeToString())
+        except (BrokenPipeError, ConnectionResetError):  # criu died (or was never criu: MIGRATE_CRIU)
+            raise CriuError(f"CRIU ({self.binary}) exited without answering") from None
+
+    def _recv(self) -> bytes:
+        try:
+            return self.sock.recv(MAX_MESSAGE)
+        except ConnectionResetError:
+            return b""
 
     def close(self) -> None:
         self.sock.close()
