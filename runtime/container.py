@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import rootfs, states
 from .cgroups import Cgroups
-from .errors import Conflict, InvalidInput, MigrateError, NotFound
+from .errors import Conflict, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
 from .paths import StateRoot
 from .shim import container_env
@@ -129,7 +129,7 @@ class Runtime:
         verdict = json.loads(line)
         if not verdict["ok"]:
             proc.wait(timeout=30)
-            raise MigrateError(verdict["error"])
+            raise error_for(verdict.get("exit_code", 1), verdict["error"])
         return int(verdict["pid"])
 
     # stopping and removing

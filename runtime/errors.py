@@ -51,3 +51,11 @@ class MigrationFailed(MigrateError):
     """A migration failed and was rolled back: the container runs on the source again."""
 
     exit_code = 8
+
+
+def error_for(exit_code: int, message: str) -> MigrateError:
+    """The error to raise for a failure another process (shim, agent) reported with its exit code."""
+    for cls in (InvalidInput, NotFound, Conflict, ImageError, CriuError, RemoteError, MigrationFailed):
+        if cls.exit_code == exit_code:
+            return cls(message)
+    return MigrateError(message)

@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, MigrateError):
             traceback.print_exc()
         _safe(shim.teardown)
-        status.write(json.dumps({"ok": False, "error": str(e)}) + "\n")
+        code = e.exit_code if isinstance(e, MigrateError) else 1
+        status.write(json.dumps({"ok": False, "error": str(e), "exit_code": code}) + "\n")
         status.close()
         return 1
     status.write(json.dumps({"ok": True, "pid": pid}) + "\n")
