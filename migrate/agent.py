@@ -7,6 +7,7 @@ controller says `commit`, everything is undone here: the source still has the co
 """
 
 import base64
+import contextlib
 import json
 import shutil
 import sys
@@ -82,7 +83,7 @@ class Agent:
         p = self._pending(msg)
         rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True)
         p.restored = True
-        shutil.rmtree(p.incoming, ignore_errors=True)
+        _remove_incoming(p.incoming)
         return {"pid": rec.pid}
 
     def op_commit(self, msg: dict) -> dict:
@@ -106,13 +107,20 @@ class Agent:
             if rec.state == states.RUNNING:
                 self.rt.stop(p.name, timeout=0)
             self.rt.discard(p.name)
-        shutil.rmtree(p.incoming, ignore_errors=True)
+        _remove_incoming(p.incoming)
         shutil.rmtree(p.staging, ignore_errors=True)
 
     def _pending(self, msg: dict) -> _Pending:
         if self.pending is None or self.pending.name != msg.get("name"):
             raise Conflict(f"no migration of {msg.get('name')!r} is being prepared here")
         return self.pending
+
+
+def _remove_incoming(incoming: Path) -> None:
+    """A migration's incoming/NAME folder, and incoming/ itself once empty: nothing of it stays."""
+    shutil.rmtree(incoming, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        incoming.parent.rmdir()
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> int:

@@ -7,6 +7,7 @@ which step failed. Only after the commit is the source's copy removed.
 """
 
 import base64
+import contextlib
 import shutil
 import socket
 import tempfile
@@ -95,6 +96,8 @@ class Migration:
             raise
         finally:
             shutil.rmtree(outgoing, ignore_errors=True)
+            with contextlib.suppress(OSError):  # outgoing/ itself once empty: a migration leaves nothing here
+                outgoing.parent.rmdir()
 
     def _preflight(self, agent: Agent, remote: dict) -> None:
         rec = self.rt.catalog.container(self.name)
