@@ -1,0 +1,295 @@
+"""Driving the real `migrate` CLI as a subprocess against one state root, and the checks the
+integration tests share. The fixtures that use this are in conftest.py."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime import linux
+from runtime.cgroups import Cgroups
+from runtime.paths import StateRoot
+
+CLI_TIMEOUT = 120.0  # no single CLI call in these tests may take longer
+BUSYBOX = Path("/bin/busybox")
+IMAGE = "busybox:latest"
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"
+TIMINGS_FILE = Path("/tmp/migrate-integration-timings.txt")
+
+
+def _cli() -> list[str]:
+    """The installed `migrate` entry point next to this Python, else `python -m migrate.cli`."""
+    script = Path(sys.executable).parent / "migrate"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "migrate.cli"]
+
+
+def wait_until(fn: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll fn until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def proc_identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time in ticks): tells a process from a later one that reuses its PID."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return pid, int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def proc_gone(ident: tuple[int, int] | None) -> bool:
+    """True when the process is gone, or only a zombie left for a slow PID 1 to reap."""
+    if ident is None:
+        return True
+    pid, start = ident
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return int(fields[19]) != start or fields[0] == "Z"
+
+
+def counter_numbers(text: str) -> list[int]:
+    """The numbers of complete lines (a last line without newline may still be being written)."""
+    lines = text.split("\n")[:-1]
+    return [int(x) for x in lines]
+
+
+def assert_consecutive(nums: list[int], start: int = 1) -> None:
+    expected = list(range(start, start + len(nums)))
+    if nums != expected:
+        bad = next(i for i, (a, b) in enumerate(zip(nums, expected, strict=True)) if a != b)
+        raise AssertionError(f"numbers are not consecutive from {start}: at line {bad + 1} got "
+                             f"{nums[max(0, bad - 3):bad + 4]} (expected {expected[bad]})")
+
+
+def record_timing(label: str, **values) -> None:
+    """Print a measurement (visible with pytest -s) and append it to TIMINGS_FILE."""
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {label} " + " ".join(f"{k}={v}" for k, v in values.items())
+    print(line)
+    with open(TIMINGS_FILE, "a") as f:
+        f.write(line + "\n")
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"$ migrate {' '.join(self.argv)}\n-> rc {self.rc}\nstdout: {self.out!r}\nstderr: {self.err!r}"
+
+
+class MigrateHost:
+    """One state root, driven through the CLI."""
+
+    def __init__(self, root: Path, work: Path):
+        self.root = root
+        self.work = work  # scratch space for images, volumes, programs
+        self.state = StateRoot(root)
+        self.env = {**os.environ, "MIGRATE_ROOT": str(root)}
+        self.env.pop("MIGRATE_DEBUG", None)
+
+    # running the CLI
+    def run(self, *args: str, env: dict | None = None, timeout: float = CLI_TIMEOUT) -> Result:
+        argv = [str(a) for a in args]
+        t0 = time.monotonic()
+        proc = subprocess.run([*_cli(), *argv], env={**self.env, **(env or {})}, cwd=self.work,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        return Result(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
+
+    def ok(self, *args: str, **kw) -> Result:
+        r = self.run(*args, **kw)
+        assert r.rc == 0, str(r)
+        return r
+
+    def fails(self, rc: int, *args: str, **kw) -> Result:
+        """The call fails with exit code rc and exactly one line of error, no traceback."""
+        r = self.run(*args, **kw)
+        assert r.rc == rc, str(r)
+        assert "Traceback" not in r.err and "Traceback" not in r.out, str(r)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("migrate"), str(r)
+        return r
+
+    def json(self, *args: str):
+        return json.loads(self.ok(*args, "--json").out)
+
+    # looking at the result
+    def ps(self) -> dict[str, dict]:
+        return {c["name"]: c for c in json.loads(self.ok("ps", "--json").out)}
+
+    def container(self, name: str) -> dict:
+        return self.ps()[name]
+
+    def logs(self, name: str) -> str:
+        return self.ok("logs", name).out
+
+    def catalog(self, table: str = "containers") -> dict[str, dict]:
+        """Rows of a catalog table straight from SQLite, keyed by their first column."""
+        if not self.state.db.exists():
+            return {}
+        db = sqlite3.connect(str(self.state.db), timeout=30)
+        try:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute(f"SELECT * FROM {table}")]
+        finally:
+            db.close()
+        for r in rows:
+            if "cgroups" in r:
+                r["cgroups"] = json.loads(r["cgroups"])
+        return {next(iter(r.values())): r for r in rows}
+
+    def record(self, name: str) -> dict:
+        return self.catalog()[name]
+
+    def snapshot_of_state(self) -> dict:
+        """What a failed command must leave unchanged: catalog rows and the folders of the root."""
+
+        def names(p: Path) -> list[str]:
+            return sorted(os.listdir(p)) if p.is_dir() else []
+
+        containers = {n: sorted(names(self.state.container_dir(n))) for n in names(self.state.containers)}
+        return {
+            "containers": self.catalog("containers"),
+            "images": self.catalog("images"),
+            "snapshots": self.catalog("snapshots"),
+            "container_dirs": containers,
+            "snapshot_dirs": names(self.state.snapshots),
+            "layers": names(self.state.layers),
+            "tmp": names(self.state.tmp),
+            "mounts": linux.mounts_under(str(self.root)),
+        }
+
+    def wait_log(self, name: str, pred: Callable[[str], bool], timeout: float = 20, what: str = "") -> str:
+        holder = {}
+
+        def check():
+            holder["text"] = self.logs(name)
+            return pred(holder["text"])
+
+        try:
+            wait_until(check, timeout, what or f"the log of {name}", interval=0.1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; log tail: {holder.get('text', '')[-300:]!r}") from None
+        return holder["text"]
+
+    def wait_count(self, name: str, at_least: int, timeout: float = 20) -> list[int]:
+        """Wait until the counter in name's log reached at_least; returns all its numbers."""
+        text = self.wait_log(name, lambda t: len(counter_numbers(t)) >= at_least and
+                             counter_numbers(t)[-1] >= at_least, timeout, f"{name} to count to {at_least}")
+        return counter_numbers(text)
+
+    def import_busybox(self, archive: Path) -> None:
+        self.ok("image", "import", archive)
+
+    # cleaning up
+    def cgroup_parents(self) -> list[str]:
+        """This root's per-root cgroup folder in every hierarchy (containers live below it)."""
+        planned = Cgroups.plan(self.state.cgroup_parent, "x").paths
+        return sorted({os.path.dirname(p) for p in planned.values()})
+
+    def teardown(self) -> list[str]:
+        """Remove everything; returns what had to be removed by force (leaks of the runtime)."""
+        leaks: list[str] = []
+        for name in self.catalog():
+            try:
+                r = self.run("rm", "-f", name, timeout=90)
+                if r.rc != 0:
+                    leaks.append(f"`migrate rm -f {name}` failed: {r.err.strip()}")
+            except subprocess.TimeoutExpired:
+                leaks.append(f"`migrate rm -f {name}` timed out")
+        leaks += self._kill_leftovers()
+        for point in linux.mounts_under(str(self.root)):
+            leaks.append(f"mount left behind: {point}")
+            try:
+                linux.umount(point, linux.MNT_DETACH)
+            except OSError as e:
+                leaks.append(f"cannot unmount {point}: {e}")
+        if not linux.mounts_under(str(self.root)):
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            leaks.append(f"{self.root} kept: mounts remain below it")
+        return leaks
+
+    def _procs_of_root(self) -> set[int]:
+        """Live processes in this root's cgroups, or started with its MIGRATE_ROOT (shims, criu, CLIs)."""
+        pids: set[int] = set()
+        for parent in self.cgroup_parents():
+            for dirpath, _dirs, _files in os.walk(parent):
+                try:
+                    pids.update(int(p) for p in Path(dirpath, "cgroup.procs").read_text().split())
+                except (FileNotFoundError, ValueError):
+                    pass
+        marker = f"MIGRATE_ROOT={self.root}".encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    pids.add(int(entry))
+            except OSError:
+                pass
+        return {p for p in pids if not proc_gone(proc_identity(p))}
+
+    def _kill_leftovers(self) -> list[str]:
+        leaks = []
+        for _ in range(3):  # processes may fork while we kill; a few rounds settle it
+            pids = self._procs_of_root()
+            if not pids:
+                break
+            for pid in pids:
+                ident = proc_identity(pid)
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    cmd = "?"
+                leaks.append(f"process left behind: {pid} {cmd.strip()[:120]}")
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                try:
+                    wait_until(lambda ident=ident: proc_gone(ident), 10, f"killed pid {pid} to go")
+                except AssertionError as e:
+                    leaks.append(str(e))
+        for parent in self.cgroup_parents():
+            if not os.path.isdir(parent):
+                continue
+            leaks.append(f"cgroup left behind: {parent}")
+            for dirpath, _dirs, _files in sorted(os.walk(parent), key=lambda w: -len(w[0])):
+                try:
+                    wait_until(lambda d=dirpath: _rmdir(d), 10, f"cgroup {dirpath} to empty")
+                except AssertionError as e:
+                    leaks.append(str(e))
+        return leaks
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+

@@ -1,0 +1,181 @@
+"""Container lifecycle through the real `migrate` CLI: images, run, ps, logs, exec, stop, rm, limits."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from clihost import COUNTER, IMAGE, _cli, proc_gone, proc_identity, wait_until
+
+from runtime import linux
+from runtime.layers import LayerStore
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+SLEEPER = ["sh", "-c", "trap 'exit 7' TERM; echo started; echo oops >&2; while true; do sleep 0.1; done"]
+
+
+def test_import_every_format_and_image_rm_waits_for_its_containers(host, busybox_archives):
+    names = {"docker-archive": "bb-docker:1", "oci-archive": "bb-oci:1", "oci-layout": "bb-layout:1"}
+    for fmt, name in names.items():
+        r = host.ok("image", "import", busybox_archives[fmt], "--name", name)
+        assert name in r.out
+    listed = {i["name"]: i for i in host.json("image", "ls")}
+    assert set(listed) == set(names.values())
+    # the same content in every format: one config, one layer, stored once
+    assert len({i["id"] for i in listed.values()}) == 1
+    assert all(len(i["layers"]) == 1 and i["size"] > 0 for i in listed.values())
+    store = LayerStore(host.state.layers)
+    assert store.digests() == listed["bb-oci:1"]["layers"]
+
+    host.ok("run", "--name", "c1", "bb-oci:1", "sleep", "1000")
+    assert host.fails(4, "image", "rm", "bb-oci:1").err.count("c1") == 1
+    assert "bb-oci:1" in {i["name"] for i in host.json("image", "ls")}
+    host.ok("rm", "-f", "c1")
+    host.ok("image", "rm", "bb-oci:1")
+    assert {i["name"] for i in host.json("image", "ls")} == {"bb-docker:1", "bb-layout:1"}
+    assert store.digests() == listed["bb-oci:1"]["layers"]  # still used by the others
+    host.ok("image", "rm", "bb-docker:1")
+    host.ok("image", "rm", "bb-layout:1")
+    assert host.json("image", "ls") == []
+    assert store.digests() == []  # the last user gone, the layer goes too
+
+
+def test_image_name_without_tag_means_latest(bb):
+    bb.ok("run", "--name", "c1", "busybox", "sleep", "1000")
+    assert bb.container("c1")["image"] == IMAGE
+
+
+def test_run_ps_logs_exec_stop_rm(bb):
+    before = time.time()
+    r = bb.ok("run", "--name", "c1", IMAGE, *SLEEPER)
+    assert r.out.strip() == "c1"
+    c = bb.container("c1")
+    assert c["state"] == "running" and c["image"] == IMAGE
+    assert isinstance(c["pid"], int) and not proc_gone(proc_identity(c["pid"]))
+    assert before - 1 <= c["started"] <= time.time() + 1
+    assert isinstance(c["memory"], int) and c["memory"] > 0
+    assert c["exit_code"] is None
+
+    text = bb.wait_log("c1", lambda t: "started" in t and "oops" in t)  # stdout and stderr
+    assert text.splitlines()[:2] in (["started", "oops"], ["oops", "started"])
+
+    r = bb.run("exec", "c1", "hostname")
+    assert (r.rc, r.out) == (0, "c1\n"), str(r)
+    r = bb.run("exec", "c1", "echo", "hi")
+    assert (r.rc, r.out) == (0, "hi\n"), str(r)
+    assert bb.run("exec", "c1", "sh", "-c", "exit 3").rc == 3
+    assert bb.run("exec", "c1", "false").rc == 1
+    r = bb.run("exec", "-e", "GREETING=hello there", "c1", "sh", "-c", 'echo "$GREETING from $HOSTNAME"')
+    assert (r.rc, r.out) == (0, "hello there from c1\n"), str(r)
+    # the exec'd process sees the container's processes, not the host's: init is PID 1
+    r = bb.ok("exec", "c1", "cat", "/proc/1/cmdline")
+    assert r.out.split("\0")[:2] == ["sh", "-c"]
+
+    t0 = time.monotonic()
+    r = bb.ok("stop", "-t", "5", "c1")
+    assert r.out.strip() == "c1 exited (7)"
+    assert time.monotonic() - t0 < 4, "SIGTERM was trapped: stop must not have waited for the timeout"
+    c = bb.container("c1")
+    assert (c["state"], c["exit_code"], c["pid"], c["memory"]) == ("exited", 7, None, None)
+    assert bb.fails(4, "exec", "c1", "true")
+    bb.ok("rm", "c1")
+    assert bb.ps() == {}
+
+
+def test_stop_kills_after_the_timeout_when_sigterm_is_ignored(bb):
+    bb.ok("run", "--name", "c1", IMAGE, "sh", "-c", COUNTER)  # PID 1 without a handler ignores SIGTERM
+    bb.wait_count("c1", 3)
+    t0 = time.monotonic()
+    r = bb.ok("stop", "-t", "1", "c1")
+    elapsed = time.monotonic() - t0
+    assert r.out.strip() == "c1 exited (137)"
+    assert 1.0 <= elapsed < 10, elapsed
+    c = bb.container("c1")
+    assert (c["state"], c["exit_code"]) == ("exited", 137)
+
+
+def test_container_that_exits_by_itself_and_logs_follow(bb):
+    bb.ok("run", "--name", "c1", IMAGE, "sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.3; done; exit 5")
+    follow = subprocess.run([*_cli(), "logs", "-f", "c1"], env=bb.env, capture_output=True, text=True, timeout=30)
+    assert follow.returncode == 0, follow.stderr
+    assert follow.stdout == "line 1\nline 2\nline 3\n"
+    wait_until(lambda: bb.container("c1")["state"] == "exited", 10, "c1 to be recorded as exited")
+    assert bb.container("c1")["exit_code"] == 5
+    assert bb.logs("c1") == "line 1\nline 2\nline 3\n"
+
+
+def test_read_only_volume_cannot_be_written(bb, tmp_path):
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    (ro / "in.txt").write_text("from the host\n")
+    bb.ok("run", "--name", "c1", "-v", f"{ro}:/ro:ro", "-v", f"{rw}:/rw", IMAGE, "sleep", "1000")
+    r = bb.run("exec", "c1", "cat", "/ro/in.txt")
+    assert (r.rc, r.out) == (0, "from the host\n"), str(r)
+    r = bb.run("exec", "c1", "sh", "-c", "echo x > /ro/new.txt")
+    assert r.rc != 0 and "Read-only file system" in r.err, str(r)
+    r = bb.run("exec", "c1", "rm", "/ro/in.txt")
+    assert r.rc != 0, str(r)
+    assert sorted(os.listdir(ro)) == ["in.txt"]
+    bb.ok("exec", "c1", "sh", "-c", "echo y > /rw/new.txt")
+    assert (rw / "new.txt").read_text() == "y\n"
+
+
+def _limit_files(cgroups: dict) -> dict[str, str]:
+    """The limit values, read from whichever hierarchy holds each controller."""
+    def read(key, name):
+        return Path(cgroups[key], name).read_text().strip()
+
+    if "memory" in cgroups:
+        memory = read("memory", "memory.limit_in_bytes")
+    else:
+        memory = read("unified", "memory.max")
+    if "cpu" in cgroups:
+        cpu = f"{read('cpu', 'cpu.cfs_quota_us')} {read('cpu', 'cpu.cfs_period_us')}"
+    else:
+        cpu = read("unified", "cpu.max")
+    return {"memory": memory, "cpu": cpu}
+
+
+def assert_limits(host, name: str) -> None:
+    rec = host.record(name)
+    cgroups = rec["cgroups"]
+    assert cgroups, "no cgroups recorded"
+    # every hierarchy of the host that the runtime knows gets a folder, with init inside
+    for key, path in cgroups.items():
+        assert os.path.isdir(path), (key, path)
+        assert str(rec["pid"]) in Path(path, "cgroup.procs").read_text().split(), (key, path)
+    assert _limit_files(cgroups) == {"memory": str(64 << 20), "cpu": "50000 100000"}
+
+
+def test_memory_and_cpu_limits_reach_the_cgroups(bb):
+    bb.ok("run", "--name", "c1", "--memory", "64m", "--cpus", "0.5", IMAGE, "sleep", "1000")
+    assert_limits(bb, "c1")
+    # an exec'd process is accounted to the container too
+    r = bb.ok("exec", "c1", "cat", "/proc/self/cgroup")
+    assert r.out.strip()
+
+
+def test_nothing_is_left_after_stop_and_rm(bb):
+    bb.ok("run", "--name", "c1", IMAGE, *SLEEPER)
+    rec = bb.record("c1")
+    init, shim = proc_identity(rec["pid"]), proc_identity(rec["shim_pid"])
+    assert init and shim
+    bb.ok("stop", "-t", "1", "c1")
+    bb.ok("rm", "c1")
+    assert_all_gone(bb, "c1", rec, [init, shim])
+
+
+def assert_all_gone(host, name: str, rec: dict, procs: list) -> None:
+    """No process, mount, cgroup folder, container folder or catalog entry left of `name`."""
+    for ident in procs:
+        wait_until(lambda ident=ident: proc_gone(ident), 10, f"process {ident[0]} of {name} to be gone")
+    cdir = host.state.container_dir(name)
+    assert linux.mounts_under(str(cdir)) == []
+    for key, path in rec["cgroups"].items():
+        assert not os.path.exists(path), f"cgroup {key} left: {path}"
+    assert not cdir.exists()
+    assert name not in host.catalog()
+    assert name not in host.ps()
