@@ -1,0 +1,580 @@
+"""Live migration between test hosts through the real `migrate` CLI, real SSH and real CRIU.
+
+Every test makes its own hosts (network namespaces with their own sshd and MIGRATE_ROOT, see
+tests/testhosts.py) and drives each host through the CLI as a user on that host would (HostCLI:
+clihost.MigrateHost run inside the host's network and UTS namespaces, with its MIGRATE_ROOT).
+A migration is run on its source and reaches the target by its ssh config name. Whatever happens, every container on every host is removed and anything
+left in their cgroups is killed by PID before the hosts are torn down; what had to be removed
+by force is a leak of the tool and fails the test.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from clihost import CLI_TIMEOUT, COUNTER, IMAGE, MigrateHost, Result, _cli, assert_consecutive, counter_numbers, \
+    proc_gone, proc_identity, record_timing, wait_until
+from test_checkpoint import _sums, memhog_image  # noqa: F401 - memhog_image is a fixture
+from test_containers import assert_all_gone
+
+from runtime import linux
+from runtime.cgroups import Cgroups
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+REMOTE_COMMAND = [sys.executable, "-m", "migrate.cli"]
+NUMBERS_FILE = Path("/tmp/migrate-512-numbers.txt")
+LAZY_SKIP = pytest.mark.skip(reason="lazy mode not implemented yet")
+
+
+class HostCLI(MigrateHost):
+    """MigrateHost for a test host: the CLI runs inside that host's network and UTS namespaces.
+
+    As on a real machine, the CLI, the agent (started by its sshd) and the containers of one host
+    share its network namespace: a container restored there by the agent is in host-b's
+    namespace, and only a CLI in that namespace sees it as "the host's" network when dumping it.
+    """
+
+    def __init__(self, host, work: Path, env: dict[str, str]):
+        super().__init__(host.root, work)
+        self.env.update(env)
+        self.prefix = ["nsenter", f"--target={host.sshd_pid}", "--net", "--uts", "--"]
+
+    def run(self, *args: str, env: dict | None = None, timeout: float = CLI_TIMEOUT) -> Result:
+        argv = [str(a) for a in args]
+        t0 = time.monotonic()
+        proc = subprocess.run([*self.prefix, *_cli(), *argv], env={**self.env, **(env or {})}, cwd=self.work,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        return Result(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
+
+
+class Cluster:
+    """N test hosts, each with a HostCLI driving its state root through the CLI."""
+
+    def __init__(self, hosts, work: Path):
+        self.hosts = hosts
+        self.nodes: dict[str, HostCLI] = {}
+        self.cgroups_seen: set[str] = set()
+        for h in hosts:
+            (work / h.name).mkdir(parents=True)
+            self.nodes[h.name] = HostCLI(h, work / h.name, hosts.env())
+
+    def __getitem__(self, name: str) -> HostCLI:
+        return self.nodes[name]
+
+    def record(self, host: str, name: str) -> dict:
+        """The catalog row of a container; its cgroups are remembered for the cleanup."""
+        rec = self.nodes[host].record(name)
+        self.cgroups_seen.update(rec["cgroups"].values())
+        return rec
+
+    def move(self, src: str, name: str, dst: str, *args: str, mode: str = "copy") -> Result:
+        """`migrate NAME DST --mode MODE` run on SRC (the CLI always runs on the source)."""
+        return self.nodes[src].run(name, dst, "--mode", mode, *args)
+
+    def move_json(self, src: str, name: str, dst: str, mode: str = "copy") -> dict:
+        self.record(src, name)
+        r = self.move(src, name, dst, "--json", mode=mode)
+        assert r.rc == 0, str(r)
+        stats = json.loads(r.out)
+        assert stats["container"] == name and stats["target"] == dst and stats["mode"] == mode, stats
+        return stats
+
+    def teardown(self) -> list[str]:
+        leaks: list[str] = []
+        for node in self.nodes.values():
+            for rec in node.catalog().values():
+                self.cgroups_seen.update(rec["cgroups"].values())
+        for node in self.nodes.values():
+            leaks += node.teardown()
+        leaks += _kill_in_cgroups(self.cgroups_seen)
+        return leaks
+
+
+def _kill_in_cgroups(paths: set[str]) -> list[str]:
+    """SIGKILL (by PID) whatever is still in these cgroup folders, then remove the folders."""
+    leaks = []
+    for path in sorted(paths, key=len, reverse=True):
+        if not os.path.isdir(path):
+            continue
+        leaks.append(f"cgroup left behind: {path}")
+        try:
+            pids = [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            pids = []
+        for pid in pids:
+            ident = proc_identity(pid)
+            leaks.append(f"process left behind in {path}: {pid}")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            try:
+                wait_until(lambda: proc_gone(ident), 10, f"killed pid {pid} to go")
+            except AssertionError as e:
+                leaks.append(str(e))
+
+        def gone(p=path) -> bool:
+            try:
+                os.rmdir(p)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+            return True
+
+        try:
+            wait_until(gone, 10, f"{path} to be removable")
+        except AssertionError as e:
+            leaks.append(str(e))
+    return leaks
+
+
+@pytest.fixture
+def cluster(test_hosts, tmp_path, request):
+    """Factory: `c = cluster(2)`; hosts host-a, host-b, ... that run `python -m migrate.cli`."""
+    made: list[Cluster] = []
+
+    def make(n: int = 2) -> Cluster:
+        c = Cluster(test_hosts(n, remote_command=REMOTE_COMMAND), tmp_path / f"work{len(made)}")
+        made.append(c)
+        return c
+
+    yield make
+    call = getattr(request.node, "rep_call", None)
+    leaks: list[str] = []
+    for c in made:
+        if call is not None and call.failed:
+            _print_logs(c)
+        leaks += c.teardown()
+    if leaks:
+        pytest.fail("the tool left things behind (cleaned up now):\n  " + "\n  ".join(leaks))
+
+
+def _print_logs(c: Cluster) -> None:
+    for name, node in c.nodes.items():
+        for log in sorted(node.state.containers.glob("*/shim.log")) if node.state.containers.is_dir() else []:
+            text = log.read_text(errors="replace").strip()
+            if text:
+                print(f"--- {name}: {log}\n{text[-3000:]}")
+
+
+@pytest.fixture
+def two(cluster, busybox_archives) -> Cluster:
+    """host-a and host-b; busybox imported on host-a only."""
+    c = cluster(2)
+    c["host-a"].import_busybox(busybox_archives["docker-archive"])
+    return c
+
+
+def start_counter(c: Cluster, host: str = "host-a", name: str = "c1", at_least: int = 5) -> list[int]:
+    c[host].ok("run", "--name", name, IMAGE, "sh", "-c", COUNTER)
+    c.record(host, name)
+    return c[host].wait_count(name, at_least)
+
+
+def assert_counts_on(c: Cluster, host: str, name: str, before: list[int], more: int = 10) -> list[int]:
+    """NAME runs on HOST, its log holds 1..N without gap or restart, continues `before` and grows."""
+    node = c[host]
+    ct = node.container(name)
+    assert ct["state"] == "running" and not proc_gone(proc_identity(ct["pid"])), ct
+    c.record(host, name)
+    at_arrival = counter_numbers(node.logs(name))
+    nums = node.wait_count(name, max(len(at_arrival), len(before)) + more)
+    assert_consecutive(nums)
+    assert nums[:len(before)] == before
+    return nums
+
+
+def assert_no_migration_leftovers(*nodes: HostCLI) -> None:
+    for node in nodes:
+        for sub in ("outgoing", "incoming"):
+            assert not (node.root / sub).exists(), f"{node.root / sub} left behind: {os.listdir(node.root / sub)}"
+        tmp = node.state.layers / "tmp"
+        if tmp.is_dir():
+            assert [p for p in os.listdir(tmp) if p.startswith("incoming-")] == [], os.listdir(tmp)
+
+
+def set_host_env(hosts, name: str, env: dict[str, str]) -> None:
+    """Add env entries to [hosts.NAME] of the hosts' tool config, keeping what is there."""
+    config = tomllib.loads(hosts.tool_config.read_text())
+    table = config.setdefault("hosts", {}).setdefault(name, {})
+    table.setdefault("env", {}).update(env)
+    hosts.tool_config.write_text(_toml(config))
+    assert dict(hosts.spec(name).remote_env) == table["env"]
+
+
+def _toml(config: dict) -> str:
+    """TOML for the shape of the tool config: [hosts."NAME"] tables of strings, lists, env tables."""
+    def value(v) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a TOML basic string
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(f"cannot write {v!r} as TOML here")
+
+    assert set(config) <= {"hosts"}, config
+    out = []
+    for host, table in config.get("hosts", {}).items():
+        out.append(f"[hosts.{json.dumps(host)}]")
+        out += [f"{k} = {value(v)}" for k, v in table.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1, 2: the counter continues
+
+
+def _counter_continues(c: Cluster, mode: str) -> None:
+    a, b = c["host-a"], c["host-b"]
+    before = start_counter(c)
+    r = c.move("host-a", "c1", "host-b", mode=mode)
+    assert r.rc == 0, str(r)
+    assert "c1 now runs on host-b" in r.out and "downtime" in r.out, str(r)
+    assert "c1" not in a.ps()
+    nums = assert_counts_on(c, "host-b", "c1", before)
+    # `migrate logs` on host-b shows the whole story: before the move (from 1) and after it
+    text = b.logs("c1")
+    whole = counter_numbers(text)
+    assert whole[0] == 1 and whole[:len(nums)] == nums
+    assert_consecutive(whole)
+
+
+def test_counter_continues_on_the_target_copy_mode(two):
+    _counter_continues(two, "copy")
+
+
+@LAZY_SKIP
+def test_counter_continues_on_the_target_lazy_mode(two):
+    _counter_continues(two, "lazy")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3: statistics
+
+
+def test_json_statistics(two):
+    start_counter(two)
+    stats = two.move_json("host-a", "c1", "host-b")
+    assert stats["source"] and stats["mode"] == "copy"
+    assert isinstance(stats["downtime_s"], float) and isinstance(stats["total_s"], float)
+    assert 0 < stats["downtime_s"] < stats["total_s"], stats
+    phases = stats["phases_s"]
+    assert isinstance(phases, dict) and phases and all(isinstance(v, float) and v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= stats["total_s"] * 1.05 + 0.05, stats
+    assert set(stats["bytes"]) == {"layers", "upper", "images", "pages"}, stats
+    assert all(isinstance(v, int) and v >= 0 for v in stats["bytes"].values()), stats
+    assert stats["bytes"]["layers"] > 0 and stats["bytes"]["images"] > 0, stats
+    assert stats["bytes_total"] == sum(stats["bytes"].values())
+    assert_counts_on(two, "host-b", "c1", [])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: files in the container
+
+
+def test_files_written_in_the_container_move_with_it(two):
+    a, b = two["host-a"], two["host-b"]
+    a.ok("run", "--name", "c1", IMAGE, "sleep", "1000")
+    a.ok("exec", "c1", "sh", "-c", "echo hello > /root/marker && echo tmp > /tmp/marker && rm /etc/group")
+    two.move_json("host-a", "c1", "host-b")
+    assert b.ok("exec", "c1", "cat", "/root/marker").out == "hello\n"
+    assert b.ok("exec", "c1", "cat", "/tmp/marker").out == "tmp\n"
+    assert b.run("exec", "c1", "test", "-e", "/etc/group").rc == 1  # the deletion (a whiteout) moved too
+    assert b.ok("exec", "c1", "cat", "/proc/1/cmdline").out.split("\0")[0] == "sleep"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: a round trip over three hosts
+
+
+def test_round_trip_over_three_hosts(cluster, busybox_archives):
+    c = cluster(3)
+    c["host-a"].import_busybox(busybox_archives["docker-archive"])
+    nums = start_counter(c)
+    for src, dst in (("host-a", "host-b"), ("host-b", "host-c"), ("host-c", "host-a")):
+        stats = c.move_json(src, "c1", dst)
+        assert stats["source"]
+        assert "c1" not in c[src].ps()
+        nums = assert_counts_on(c, dst, "c1", nums, more=5)
+    assert set(c["host-a"].ps()) == {"c1"} and c["host-b"].ps() == {} and c["host-c"].ps() == {}
+    assert_no_migration_leftovers(*c.nodes.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 6: the source is clean afterwards
+
+
+def test_no_trace_left_on_the_source(two):
+    a, b = two["host-a"], two["host-b"]
+    start_counter(two)
+    rec = two.record("host-a", "c1")
+    procs = [proc_identity(rec["pid"]), proc_identity(rec["shim_pid"])]
+    assert all(procs)
+    assert all(os.path.isdir(p) for p in rec["cgroups"].values())
+    two.move_json("host-a", "c1", "host-b")
+    assert_all_gone(a, "c1", rec, procs)  # processes, mounts, cgroups, folder, catalog, ps
+    assert linux.mounts_under(str(a.root)) == []
+    assert not any(os.path.exists(p) for p in a.cgroup_parents()), "the per-root cgroup folder is left"
+    assert os.listdir(a.state.containers) == []
+    assert_no_migration_leftovers(a, b)
+    assert b.container("c1")["state"] == "running"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: layers are sent once
+
+
+def test_second_container_of_the_same_image_sends_no_layers(two):
+    a, b = two["host-a"], two["host-b"]
+    a.ok("run", "--name", "c1", IMAGE, "sleep", "1000")
+    c2 = start_counter(two, name="c2")
+    first = two.move_json("host-a", "c1", "host-b")
+    assert first["bytes"]["layers"] > 0, first
+    second = two.move_json("host-a", "c2", "host-b")
+    assert second["bytes"]["layers"] == 0, second
+    assert second["bytes"]["images"] > 0, second
+    assert set(b.ps()) == {"c1", "c2"}
+    assert_counts_on(two, "host-b", "c2", c2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8: a failed restore on the target rolls back
+
+
+def test_failed_restore_on_the_target_rolls_back(two):
+    a, b = two["host-a"], two["host-b"]
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "restore"})
+    before = start_counter(two)
+    rec = two.record("host-a", "c1")
+    planned_b = Cgroups.plan(b.state.cgroup_parent, "c1").paths
+
+    r = a.fails(8, "c1", "host-b", "--mode", "copy")
+    assert "failed at restore" in r.err and "c1" in r.err and "host-b" in r.err, str(r)
+
+    # the source: the same processes, running, counting on without a gap
+    ct = a.container("c1")
+    assert (ct["state"], ct["pid"]) == ("running", rec["pid"]), ct
+    assert a.record("c1")["shim_pid"] == rec["shim_pid"]
+    assert_counts_on(two, "host-a", "c1", before)
+    # the target: nothing
+    assert b.ps() == {}
+    assert linux.mounts_under(str(b.root)) == []
+    assert not any(os.path.exists(p) for p in planned_b.values())
+    assert not any(os.path.exists(p) for p in b.cgroup_parents())
+    assert not b.state.container_dir("c1").exists()
+    assert_no_migration_leftovers(a, b)
+    wait_until(lambda: not b._procs_of_root(), 10, "the agent on host-b to exit")
+
+    # and the rollback left a container that can still move
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": ""})
+    nums = counter_numbers(a.logs("c1"))
+    two.move_json("host-a", "c1", "host-b")
+    assert_counts_on(two, "host-b", "c1", nums)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9: ten migrations leak nothing
+
+
+def _census(c: Cluster) -> dict:
+    """Everything a migration could leak, on this machine, for the hosts of c."""
+    roots = [str(n.root) for n in c.nodes.values()]
+    parents = [p for n in c.nodes.values() for p in n.cgroup_parents()]
+    parent_names = {os.path.basename(p) for p in parents}
+    base = str(c.hosts.base)
+    markers = {f"MIGRATE_ROOT={r}".encode() for r in roots}
+    netns = set()
+    for h in c.hosts:
+        st = os.stat(f"/run/netns/{h.netns}")
+        netns.add((st.st_dev, st.st_ino))
+    me = os.getpid()
+
+    procs: Counter = Counter()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if state == "Z" or comm == "sleep":  # zombies are gone; the counter's sleeps come and go
+                continue
+            ns = os.stat(f"/proc/{pid}/ns/net")
+            ours = (
+                (ns.st_dev, ns.st_ino) in netns
+                or any(name in Path(f"/proc/{pid}/cgroup").read_text() for name in parent_names)
+                or markers & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+                or base.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+                or int(ppid) == me
+            )
+        except (OSError, ValueError):
+            continue
+        if ours:
+            procs[comm] += 1
+
+    mounts = sorted(p for p in linux.mounts_under(base))
+    cgroups = []
+    for parent in parents:
+        for dirpath, _dirs, _files in os.walk(parent):
+            cgroups.append(dirpath)
+    dirs = []
+    for r in roots:
+        for dirpath, dirnames, filenames in os.walk(r):
+            rel = os.path.relpath(dirpath, r)
+            depth = 0 if rel == "." else rel.count("/") + 1
+            if depth >= 3 or rel.endswith("/rootfs"):
+                dirnames[:] = []
+            dirs += [os.path.join(dirpath, n) for n in dirnames + filenames
+                     if not n.endswith(("-journal", "-wal", "-shm"))]
+    fds = sorted(os.listdir("/proc/self/fd"))
+    return {"procs": dict(procs), "mounts": mounts, "cgroups": sorted(cgroups), "dirs": sorted(dirs),
+            "fds": len(fds)}
+
+
+def test_ten_migrations_leak_nothing(two, busybox_archives):
+    a, b = two["host-a"], two["host-b"]
+    # Both hosts start as hosts that have had containers: the layers, and the state layout
+    # (containers/, layers/tmp/) that a first container creates and that stays, as on a real host.
+    b.import_busybox(busybox_archives["docker-archive"])
+    b.ok("run", "--name", "warm", IMAGE, "true")
+    wait_until(lambda: b.container("warm")["state"] == "exited", 10, "warm to exit")
+    b.ok("rm", "warm")
+    nums = start_counter(two)
+    before = _census(two)
+    assert before["procs"] and before["mounts"] and before["cgroups"], before
+    started = time.monotonic()
+    hops = [("host-a", "host-b"), ("host-b", "host-a")] * 5
+    seconds = []
+    for src, dst in hops:
+        stats = two.move_json(src, "c1", dst)
+        assert stats["bytes"]["layers"] == 0, stats
+        seconds.append(stats["total_s"])
+    nums = assert_counts_on(two, "host-a", "c1", nums, more=3)
+    record_timing("10 migrations", wall_s=f"{time.monotonic() - started:.1f}",
+                  total_s=" ".join(f"{s:.2f}" for s in seconds))
+    holder = {}
+
+    def settled() -> bool:
+        holder["after"] = _census(two)
+        return holder["after"] == before
+
+    try:
+        wait_until(settled, 10, "the census to return to what it was")
+    except AssertionError:
+        after = holder["after"]
+        diff = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"after 10 migrations (before, after): {diff}")
+    assert set(a.ps()) == {"c1"} and b.ps() == {}
+    assert_no_migration_leftovers(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10: 512 MiB of memory
+
+
+def _record_512(mode: str, stats: dict) -> None:
+    line = f"{mode} downtime_s={stats['downtime_s']} total_s={stats['total_s']} " \
+           f"images_bytes={stats['bytes']['images']} pages_bytes={stats['bytes']['pages']}"
+    print(f"512 MiB {line}")
+    kept = []
+    if NUMBERS_FILE.exists():
+        kept = [ln for ln in NUMBERS_FILE.read_text().splitlines() if not ln.startswith(f"{mode} ")]
+    NUMBERS_FILE.write_text("".join(f"{ln}\n" for ln in [*kept, line]))
+    record_timing(f"512MiB migration {mode}", downtime_s=stats["downtime_s"], total_s=stats["total_s"])
+
+
+@pytest.mark.parametrize("mode", ["copy", pytest.param("lazy", marks=LAZY_SKIP)])
+def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
+    c = cluster(2)
+    a, b = c["host-a"], c["host-b"]
+    a.ok("image", "import", memhog_image)
+    a.ok("run", "--name", "big", "memhog")
+    text = a.wait_log("big", lambda t: len(_sums(t)) == 1, 60, "the 512 MiB to be filled")
+    original = _sums(text)[0]
+    stats = c.move_json("host-a", "big", "host-b", mode=mode)
+    _record_512(mode, stats)
+    assert 0 < stats["downtime_s"] < stats["total_s"]
+    if mode == "copy":
+        assert stats["bytes"]["images"] >= 512 << 20, stats
+    ct = b.container("big")
+    assert ct["state"] == "running"
+    os.kill(ct["pid"], signal.SIGUSR1)
+    text = b.wait_log("big", lambda t: len(_sums(t)) == 2, 60, "the checksum on host-b")
+    assert _sums(text) == [original, original]
+    assert b.container("big")["memory"] >= 512 << 20
+    assert "big" not in a.ps()
+
+
+# ---------------------------------------------------------------------------------------------
+# 11: refusals change nothing
+
+
+def _assert_refused_and_unchanged(c: Cluster, r: Result, rc: int, before: dict, pid: int, nums: list[int]) -> None:
+    """Refused with exit status rc (README: 8 refused by preflight, 7 host unreachable or refusing
+    us), in one line, and nothing changed on the source: same process, still counting."""
+    a = c["host-a"]
+    assert r.rc == rc, str(r)
+    assert "Traceback" not in r.err + r.out, str(r)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("migrate: error: "), str(r)
+    assert a.snapshot_of_state() == before
+    ct = a.container("c1")
+    assert (ct["state"], ct["pid"]) == ("running", pid)
+    assert_counts_on(c, "host-a", "c1", nums, more=3)
+
+
+def test_refused_when_the_target_has_a_container_of_that_name(two, busybox_archives):
+    a, b = two["host-a"], two["host-b"]
+    b.import_busybox(busybox_archives["docker-archive"])
+    b.ok("run", "--name", "c1", IMAGE, "sleep", "1000")
+    b_pid = b.container("c1")["pid"]
+    nums = start_counter(two)
+    pid = a.container("c1")["pid"]
+    before, before_b = a.snapshot_of_state(), b.snapshot_of_state()
+    r = two.move("host-a", "c1", "host-b")
+    _assert_refused_and_unchanged(two, r, 8, before, pid, nums)
+    assert "already exists" in r.err and "host-b" in r.err, str(r)
+    assert b.snapshot_of_state() == before_b
+    assert (b.container("c1")["state"], b.container("c1")["pid"]) == ("running", b_pid)
+    assert_no_migration_leftovers(a, b)
+
+
+def test_refused_for_a_host_unknown_to_ssh(two):
+    nums = start_counter(two)
+    a = two["host-a"]
+    pid = a.container("c1")["pid"]
+    before = a.snapshot_of_state()
+    r = two.move("host-a", "c1", "no-such-host")
+    _assert_refused_and_unchanged(two, r, 7, before, pid, nums)
+    assert "no-such-host" in r.err, str(r)
+
+
+def test_refused_when_the_host_key_is_wrong(two, tmp_path):
+    nums = start_counter(two)
+    a = two["host-a"]
+    pid = a.container("c1")["pid"]
+    # host-b's line in known_hosts now carries another key
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    impostor = " ".join((tmp_path / "k.pub").read_text().split()[:2])
+    ip = two.hosts["host-b"].ip
+    kh = two.hosts.known_hosts
+    lines = kh.read_text().splitlines()
+    assert sum(ln.startswith(f"{ip} ") for ln in lines) == 1
+    kh.write_text("".join(f"{ip} {impostor}\n" if ln.startswith(f"{ip} ") else f"{ln}\n" for ln in lines))
+    before = a.snapshot_of_state()
+    r = two.move("host-a", "c1", "host-b")
+    _assert_refused_and_unchanged(two, r, 7, before, pid, nums)
+    assert "host key" in r.err and "host-b" in r.err, str(r)
+    assert two["host-b"].ps() == {}
