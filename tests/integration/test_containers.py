@@ -67,6 +67,8 @@ def test_run_ps_logs_exec_stop_rm(bb):
     assert (r.rc, r.out) == (0, "hi\n"), str(r)
     assert bb.run("exec", "c1", "sh", "-c", "exit 3").rc == 3
     assert bb.run("exec", "c1", "false").rc == 1
+    r = bb.run("exec", "c1", "/bin/no-such-program")
+    assert r.rc == 127 and "Traceback" not in r.err, str(r)
     r = bb.run("exec", "-e", "GREETING=hello there", "c1", "sh", "-c", 'echo "$GREETING from $HOSTNAME"')
     assert (r.rc, r.out) == (0, "hello there from c1\n"), str(r)
     # the exec'd process sees the container's processes, not the host's: init is PID 1
