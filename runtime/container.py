@@ -199,17 +199,31 @@ class Runtime:
 
     def follow_log(self, name: str, out, follow: bool) -> None:
         path = self.log_path(name)
-        with open(path, "rb") if path.exists() else open(os.devnull, "rb") as f:
+        live = (states.RUNNING, states.RESTORING, states.MIGRATING, states.CHECKPOINTING)
+        f = None
+        try:
             while True:
-                data = f.read(65536)
+                if f is None and path.exists():  # the shim creates it only after `run` returned
+                    f = open(path, "rb")
+                data = f.read(65536) if f else b""
                 if data:
                     out.write(data)
                     out.flush()
                     continue
-                if not follow or self.catalog.container(name).state not in (states.RUNNING, states.RESTORING,
-                                                                           states.MIGRATING, states.CHECKPOINTING):
+                if not follow:
+                    return
+                if self.catalog.container(name).state not in live:
+                    # the shim writes the last output before it records the exit: read it too
+                    if f is None and path.exists():
+                        f = open(path, "rb")
+                    if f:
+                        out.write(f.read())
+                        out.flush()
                     return
                 time.sleep(0.1)
+        finally:
+            if f:
+                f.close()
 
     def usage(self, rec: ContainerRecord) -> int | None:
         return Cgroups(rec.cgroups).memory_usage() if rec.state == states.RUNNING else None
