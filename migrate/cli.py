@@ -13,8 +13,6 @@ from runtime.snapshots import Snapshots
 from runtime.spec import parse_size
 
 from . import output
-from .agent import serve
-from .controller import Migration
 from .preflight import MODES
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict with current state,
@@ -205,6 +203,8 @@ def dispatch(a) -> int:
             Snapshots(rt).remove(a.id)
             return 0
         if a.verb == "move":
+            from .controller import Migration  # paramiko is slow to import: only where it is needed
+
             stats = Migration(rt, a.name, a.host, a.mode, ssh_config=a.ssh_config).run()
             if a.json:
                 output.print_json(stats.to_json())
@@ -213,6 +213,8 @@ def dispatch(a) -> int:
                 stats.print()
             return 0
         if a.verb == "agent":
+            from .agent import serve
+
             return serve()
         if a.verb == "restore":
             rec = Snapshots(rt).restore(a.name, a.snapshot, a.new_name)
