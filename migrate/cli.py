@@ -227,8 +227,9 @@ def dispatch(a) -> int:
 
 def _with_default_verb(argv: list[str]) -> list[str]:
     """`migrate NAME HOST` is `migrate move NAME HOST`: the main job gets the shortest form."""
-    if argv and not argv[0].startswith("-") and argv[0] not in VERBS:
-        return ["move", *argv]
+    positional = [a for a in argv if not a.startswith("-")]
+    if len(positional) >= 2 and not argv[0].startswith("-") and argv[0] not in VERBS:
+        return ["move", *argv]  # a lone unknown word stays an unknown command
     return argv
 
 
