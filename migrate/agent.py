@@ -9,16 +9,17 @@ controller says `commit`, everything is undone here: the source still has the co
 import base64
 import contextlib
 import json
+import secrets
 import shutil
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import states
+from runtime import faults, states
 from runtime.container import Runtime
-from runtime.criu import Criu
-from runtime.errors import Conflict, InvalidInput, MigrateError, NotFound
+from runtime.criu import Criu, LazyPagesDaemon
+from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
 from runtime.facts import cpuinfo_check, host_facts
 from runtime.snapshots import Snapshots
 from runtime.spec import validate_name
@@ -33,9 +34,8 @@ class _Pending:
     name: str
     incoming: Path
     staging: Path
-    restored: bool = False
-    committed: bool = False
     adopted: list[str] = field(default_factory=list)
+    pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
 
 
 class Agent:
@@ -66,8 +66,8 @@ class Agent:
         if missing:
             raise NotFound(f"volume source(s) missing on this host: {', '.join(missing)}")
         self.abort()
-        incoming = self.rt.root.root / "incoming" / name
-        shutil.rmtree(incoming, ignore_errors=True)  # a stale attempt that died with its agent
+        # a short random name: CRIU's lazy-pages socket lives in it, and socket paths are short
+        incoming = self.rt.root.root / "incoming" / secrets.token_hex(4)
         incoming.mkdir(parents=True, mode=0o700)
         self.pending = _Pending(name, incoming, self.rt.layers.staging_dir())
         return {"incoming": str(incoming), "staging": str(self.pending.staging)}
@@ -80,15 +80,32 @@ class Agent:
         return {"adopted": len(p.adopted)}
 
     def op_restore(self, msg: dict) -> dict:
+        """Restore from the incoming folder; with lazy_port, memory comes from the source's page
+        server, reached at 127.0.0.1:lazy_port (a tunnel in the SSH connection)."""
         p = self._pending(msg)
-        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True)
-        p.restored = True
-        _remove_incoming(p.incoming)
+        lazy_port = msg.get("lazy_port")
+        if lazy_port is not None:
+            p.pages = Criu().lazy_pages(p.incoming / "images", int(lazy_port))
+        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None)
+        if p.pages is None:
+            _remove_incoming(p.incoming)
         return {"pid": rec.pid}
+
+    def op_wait_pages(self, msg: dict) -> dict:
+        """Lazy mode: wait until every page has arrived. If the transfer fails, the container
+        here would read zeroes where pages are missing: it is killed at once."""
+        p = self._pending(msg)
+        if p.pages is None:
+            raise Conflict(f"{p.name} is not being restored lazily")
+        faults.point("pages")
+        if p.pages.wait(float(msg.get("timeout", 3600))) != 0:
+            self.rt.release(p.name)
+            raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}")
+        _remove_incoming(p.incoming)
+        return {}
 
     def op_commit(self, msg: dict) -> dict:
         p = self._pending(msg)
-        p.committed = True
         shutil.rmtree(p.staging, ignore_errors=True)
         self.pending = None
         return {}
@@ -107,6 +124,8 @@ class Agent:
             if rec.state == states.RUNNING:
                 self.rt.stop(p.name, timeout=0)
             self.rt.discard(p.name)
+        if p.pages is not None:  # only now: the tree must never run without its pages
+            p.pages.kill()
         _remove_incoming(p.incoming)
         shutil.rmtree(p.staging, ignore_errors=True)
 
@@ -117,7 +136,7 @@ class Agent:
 
 
 def _remove_incoming(incoming: Path) -> None:
-    """A migration's incoming/NAME folder, and incoming/ itself once empty: nothing of it stays."""
+    """A migration's incoming folder, and incoming/ itself once empty: nothing of it stays."""
     shutil.rmtree(incoming, ignore_errors=True)
     with contextlib.suppress(OSError):
         incoming.parent.rmdir()

@@ -11,14 +11,15 @@ import contextlib
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from runtime import states
 from runtime.container import Runtime
-from runtime.criu import Criu
+from runtime.criu import Criu, abort_lazy_dump
 from runtime.errors import MigrateError, MigrationFailed, RemoteError
-from runtime.facts import cpuinfo_dump, host_facts
+from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
 from runtime.snapshots import dump, tree_size
 
 from . import preflight
@@ -26,8 +27,17 @@ from .hosts import resolve_host
 from .ssh import RemoteProcess, SSHSession
 from .stats import MigrationStats
 from .transfer import Rsync, missing_layers
+from .tunnel import ReverseTunnel
 
 AGENT_TIMEOUT = 300.0
+DUMP_JOIN_TIMEOUT = 60.0
+
+
+def free_local_port() -> int:
+    """A port for CRIU's page server; it must be picked just before use (never probed later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Agent:
@@ -68,7 +78,7 @@ class Migration:
             try:
                 agent = Agent(session.open_process(self.spec.remote_argv("agent")), self.spec.alias)
                 try:
-                    self._migrate(agent, rsync)
+                    self._migrate(agent, rsync, session)
                 finally:
                     agent.proc.close()
             finally:
@@ -79,7 +89,7 @@ class Migration:
         self.stats.total = time.monotonic() - started
         return self.stats
 
-    def _migrate(self, agent: Agent, rsync: Rsync) -> None:
+    def _migrate(self, agent: Agent, rsync: Rsync, session: SSHSession) -> None:
         self.step = "preflight"
         with self.stats.phase("preflight"):
             remote = agent.call("hello")["facts"]
@@ -87,7 +97,7 @@ class Migration:
         self.rt.catalog.transition(self.name, "migrate")
         outgoing = self.rt.root.root / "outgoing" / self.name
         try:
-            self._transfer(agent, rsync, remote, outgoing)
+            self._transfer(agent, rsync, remote, outgoing, session)
         except BaseException as e:
             self._roll_back(agent)
             if isinstance(e, MigrateError):
@@ -105,7 +115,7 @@ class Migration:
         cdir = self.rt.root.container_dir(self.name)
         need = (self.rt.usage(rec) or 0) + tree_size(cdir / "upper") + sum(
             self.rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote["layers"]))
-        verdict = preflight.judge(local, remote, self.name, need, self.mode, lazy_implemented=False)
+        verdict = preflight.judge(local, remote, self.name, need, self.mode)
         if not verdict.problems:
             cpu = agent.call("cpuinfo_check", image=base64.b64encode(cpuinfo_dump(Criu())).decode())
             if not cpu["compatible"]:
@@ -114,8 +124,12 @@ class Migration:
         if verdict.problems:
             raise MigrationFailed(f"cannot migrate {self.name} to {self.spec.alias}: " + "; ".join(verdict.problems))
         self.stats.mode = verdict.mode
+        if verdict.mode == "lazy" and preflight.needs_pipe_size(local):
+            PIPE_MAX_SIZE.write_text(str(LAZY_PIPE_SIZE))
+            self.stats.notes.append(f"raised fs.pipe-max-size to {LAZY_PIPE_SIZE} on this host "
+                                    "(lazy dumps need pipes that large)")
 
-    def _transfer(self, agent: Agent, rsync: Rsync, remote: dict, outgoing: Path) -> None:
+    def _transfer(self, agent: Agent, rsync: Rsync, remote: dict, outgoing: Path, session: SSHSession) -> None:
         rec = self.rt.catalog.container(self.name)
         cdir = self.rt.root.container_dir(self.name)
         self.step = "prepare"
@@ -135,27 +149,86 @@ class Migration:
                                                     tree_size(cdir / "upper"), delete=True)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
-
-        def on_frozen() -> None:
-            self.stats.phases["checkpoint"] = time.monotonic() - freeze_started
-            self.step = "final sync"
-            with self.stats.phase("final sync (frozen)"):
-                images = outgoing / "images"
-                self.stats.bytes["images"] += rsync.send(
-                    [images, outgoing / "spec.json", outgoing / "checkpoint.json"], incoming + "/", "checkpoint",
-                    tree_size(images))
-                sources = [cdir / "upper"] + ([cdir / "container.log"] if (cdir / "container.log").exists() else [])
-                self.stats.bytes["upper"] += rsync.send(sources, incoming + "/", "upper dir", 0, delete=True)
-            self.step = "restore"
-            with self.stats.phase("restore"):
-                agent.call("restore", name=self.name)
-            self.step = "commit"
-            agent.call("commit", name=self.name)
-            self.stats.downtime = time.monotonic() - freeze_started
-
         self.step = "checkpoint"
-        freeze_started = time.monotonic()
-        dump(rec, outgoing, leave_running=False, on_frozen=on_frozen)
+        self.freeze_started = time.monotonic()
+        if self.stats.mode == "lazy":
+            self._freeze_lazy(agent, session, rec, outgoing, lambda: self._ship(rsync, cdir, outgoing, incoming))
+        else:
+            def on_frozen() -> None:
+                self._ship(rsync, cdir, outgoing, incoming)
+                self.step = "restore"
+                with self.stats.phase("restore"):
+                    agent.call("restore", name=self.name)
+                self._commit(agent)
+                self.stats.downtime = time.monotonic() - self.freeze_started
+
+            dump(rec, outgoing, leave_running=False, on_frozen=on_frozen)
+
+    def _ship(self, rsync: Rsync, cdir: Path, outgoing: Path, incoming: str) -> None:
+        """While frozen: CRIU's images, the last changes of the upper dir and the log, to the target."""
+        self.stats.phases["checkpoint"] = time.monotonic() - self.freeze_started
+        self.step = "final sync"
+        with self.stats.phase("final sync (frozen)"):
+            images = outgoing / "images"
+            self.stats.bytes["images"] += rsync.send(
+                [images, outgoing / "spec.json", outgoing / "checkpoint.json"], incoming + "/", "checkpoint",
+                tree_size(images))
+            sources = [cdir / "upper"] + ([cdir / "container.log"] if (cdir / "container.log").exists() else [])
+            self.stats.bytes["upper"] += rsync.send(sources, incoming + "/", "upper dir", 0, delete=True)
+
+    def _commit(self, agent: Agent) -> None:
+        """The target owns the container from its acknowledgement on; only then may the source go."""
+        self.step = "commit"
+        agent.call("commit", name=self.name)
+
+    def _freeze_lazy(self, agent: Agent, session: SSHSession, rec, outgoing: Path, ship) -> None:
+        """Post-copy: CRIU dumps all but memory (shipped by `ship` in post-dump, frozen), then serves
+        pages on a local port that the target reaches through a tunnel in the SSH connection.
+
+        The dump call lasts until every page is sent, so it runs in a thread. Until the commit a
+        failure resets the page connection: CRIU fails the dump and resumes the source. After it,
+        a clean end of that connection tells CRIU to end the source tree (docs/lazy-migration.md).
+        """
+        port = free_local_port()
+        outcome: dict = {}
+        ready = threading.Event()
+
+        def run_dump() -> None:
+            try:
+                dump(rec, outgoing, leave_running=False, on_frozen=ship, lazy_port=port,
+                     on_notify=lambda script: ready.set() if script == "status-ready" else None)
+            except BaseException as e:  # noqa: BLE001 - handed to the controller's thread
+                outcome["error"] = e
+            finally:
+                ready.set()
+
+        with ReverseTunnel(session.transport, port, hold_remote_eof=True, what=self.spec.alias) as tunnel:
+            thread = threading.Thread(target=run_dump, name="criu-lazy-dump", daemon=True)
+            thread.start()
+            ready.wait()
+            if "error" in outcome:
+                raise outcome["error"]  # CRIU has resumed the source
+            try:
+                self.step = "restore"
+                with self.stats.phase("restore"):
+                    agent.call("restore", name=self.name, lazy_port=tunnel.remote_port)
+                self.stats.downtime = time.monotonic() - self.freeze_started
+                self.step = "memory pages"
+                with self.stats.phase("pages (running)"):
+                    agent.call("wait_pages", name=self.name)
+                self._commit(agent)
+            except BaseException:
+                tunnel.release(False)  # a reset: CRIU fails the dump and resumes the source
+                if tunnel.stats().connections == 0:  # the target never reached the page server
+                    abort_lazy_dump(port)
+                thread.join(DUMP_JOIN_TIMEOUT)
+                raise
+            tunnel.release(True)  # a clean end: CRIU ends the source tree and the dump returns
+            thread.join(DUMP_JOIN_TIMEOUT)
+            self.stats.bytes["pages"] += tunnel.bytes_to_remote
+        if thread.is_alive() or "error" in outcome:
+            raise MigrateError(f"{self.name} runs on {self.spec.alias}, but CRIU on this host did not finish "
+                               f"cleanly: {outcome.get('error', 'timeout')}; check for a second copy here")
 
     def _roll_back(self, agent: Agent) -> None:
         """The source is running again (CRIU resumed it); undo the target's side, best effort."""

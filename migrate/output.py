@@ -44,3 +44,7 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
     for r in rows:
         table.add_row(*("-" if v is None else str(v) for v in r))
     out.print(table)
+
+
+def print_note(text: str) -> None:
+    err.print(f"migrate: note: {text}", markup=False)

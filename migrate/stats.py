@@ -4,7 +4,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .output import human_size, print_table
+from .output import human_size, print_note, print_table
 
 BYTE_KINDS = ("layers", "upper", "images", "pages")
 
@@ -19,7 +19,7 @@ class MigrationStats:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KINDS, 0))
     downtime: float = 0.0
     total: float = 0.0
-    frozen_at: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     @contextmanager
     def phase(self, name: str):
@@ -33,9 +33,11 @@ class MigrationStats:
         return {"container": self.container, "source": self.source, "target": self.target, "mode": self.mode,
                 "downtime_s": round(self.downtime, 4), "total_s": round(self.total, 4),
                 "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
-                "bytes": dict(self.bytes), "bytes_total": sum(self.bytes.values())}
+                "bytes": dict(self.bytes), "bytes_total": sum(self.bytes.values()), "notes": list(self.notes)}
 
     def print(self) -> None:
+        for note in self.notes:
+            print_note(note)
         rows = [("downtime", f"{self.downtime:.3f} s", "frozen on the source until running on the target"),
                 ("total", f"{self.total:.3f} s", f"{self.mode} mode, {self.source} -> {self.target}")]
         rows += [(f"  {k}", f"{v:.3f} s", "") for k, v in self.phases.items()]

@@ -107,13 +107,15 @@ class Runtime:
         cgroups = Cgroups.plan(self.root.cgroup_parent, spec.name)
         self.catalog.set_fields(spec.name, cgroups=cgroups.paths)
 
-    def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None) -> int:
+    def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False) -> int:
         """Start the detached shim and wait for its verdict; returns the init PID."""
         cdir = self.root.container_dir(name)
         status_r, status_w = os.pipe()
         argv = [sys.executable, "-m", "runtime.shim", mode, name, "--status-fd", str(status_w)]
         if snapshot is not None:
             argv += ["--snapshot", str(snapshot)]
+        if lazy:
+            argv.append("--lazy")
         with open(cdir / "shim.log", "ab") as shim_log:
             proc = subprocess.Popen(
                 argv, pass_fds=(status_w,), start_new_session=True, cwd="/",

@@ -9,8 +9,10 @@ pure (dataclass -> criu_req), so it is unit-tested without CRIU.
 import contextlib
 import os
 import re
+import select
 import shutil
 import socket
+import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,6 +188,55 @@ class _Session:
             self.proc.wait()
 
 
+def abort_lazy_dump(port: int) -> None:
+    """Make a lazy dump whose page server nobody has connected to yet fail, so CRIU resumes the
+    source: connect and reset. A clean close would read as "all pages sent" and end the source."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class LazyPagesDaemon:
+    """`criu lazy-pages`: fills a lazily restored tree's memory from the source's page server.
+
+    It must run before the restore (which hands it the userfaultfds) and reads the images, so
+    they must be in place. Exit status 0 means every page arrived; anything else means the
+    restored tree would read zeroes where pages are missing, so the caller must kill it.
+    """
+
+    def __init__(self, binary: str, images_dir: Path, port: int, timeout: float = 30.0):
+        status_r, status_w = os.pipe()
+        self.log = images_dir / "lazy-pages.log"
+        self.proc = subprocess.Popen(
+            [binary, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
+             "-D", str(images_dir), "-o", self.log.name, "-v4", "--status-fd", str(status_w)],
+            pass_fds=(status_w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(status_w)
+        try:
+            ready = select.select([status_r], [], [], timeout)[0] and os.read(status_r, 1) == b"\0"
+        finally:
+            os.close(status_r)
+        if not ready:
+            self.kill()
+            raise CriuError(f"criu lazy-pages did not start: {'; '.join(log_errors(self.log)) or 'no answer'} "
+                            f"(full log: {self.log})")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CriuError(f"the lazy page transfer did not finish within {timeout:.0f} s") from None
+
+    def failure(self) -> str:
+        return "; ".join(log_errors(self.log)) or f"exit status {self.proc.returncode}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 class Criu:
     def __init__(self, binary: str | None = None):
         self.binary = binary or find_binary()
@@ -215,6 +266,9 @@ class Criu:
             detail = "; ".join(log_errors(log)) or resp.cr_errmsg or f"errno {resp.cr_errno}"
             raise CriuError(f"CRIU {what} failed: {detail} (full log: {log})")
         return resp
+
+    def lazy_pages(self, images_dir: Path, port: int) -> LazyPagesDaemon:
+        return LazyPagesDaemon(self.binary, images_dir, port)
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=30).stdout

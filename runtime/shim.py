@@ -107,7 +107,7 @@ class Shim:
             finally:
                 os._exit(127)
 
-    def restore(self, snapshot: Path) -> int:
+    def restore(self, snapshot: Path, lazy: bool = False) -> int:
         meta = json.loads((snapshot / CHECKPOINT_META).read_text())
         out_w, err_w = self._pipes()
         inherit = []
@@ -118,6 +118,7 @@ class Shim:
             root=str(self.rootfs),
             external=tuple(f"mnt[{v.criu_key}]:{v.host_path}" for v in self.spec.volumes),
             inherit_fds=tuple(inherit),
+            lazy_pages=lazy,
         )
         try:
             return Criu().restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name")
     ap.add_argument("--status-fd", type=int, required=True)
     ap.add_argument("--snapshot", type=Path)
+    ap.add_argument("--lazy", action="store_true", help="memory pages come from `criu lazy-pages`")
     args = ap.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         # a handler, not SIG_IGN: ignored signals would be inherited by criu and the container
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             pid = shim.start()
             catalog.transition(args.name, "start", pid=pid, shim_pid=os.getpid(), started=time.time())
         else:
-            pid = shim.restore(args.snapshot)
+            pid = shim.restore(args.snapshot, args.lazy)
             catalog.transition(args.name, "restore-done", pid=pid, shim_pid=os.getpid(), started=time.time())
     except Exception as e:
         if not isinstance(e, MigrateError):

@@ -58,11 +58,13 @@ def tree_size(path: Path) -> int:
 
 
 def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
-         on_notify: Callable[[str], None] | None = None) -> None:
+         on_notify: Callable[[str], None] | None = None, lazy_port: int | None = None) -> None:
     """Checkpoint a running container into the new folder sdir (images, spec, stdio identities).
 
     on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
     CRIU resumes the tree and the dump fails. Any other notification goes to on_notify.
+    With lazy_port, memory stays out of the images: after post-dump CRIU serves it from a page
+    server on 127.0.0.1:lazy_port (announced by `status-ready`) and returns once it is all sent.
     """
     sdir.mkdir(mode=0o700)
     (sdir / "images").mkdir(mode=0o700)
@@ -79,6 +81,8 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
         pid=rec.pid,
         leave_running=leave_running,
         external=tuple(f"mnt[{v.container_path}]:{v.criu_key}" for v in rec.spec.volumes),
+        lazy_pages=lazy_port is not None,
+        page_server=("127.0.0.1", lazy_port) if lazy_port is not None else None,
     )
     Criu().dump(opts, sdir / "images", notified)
 
@@ -129,7 +133,7 @@ class Snapshots:
         snap = self._find(name, ref)
         return self.restore_dir(self.root.snapshot_dir(snap.id), validate_name(new_name or name), move=False)
 
-    def restore_dir(self, sdir: Path, name: str, move: bool) -> ContainerRecord:
+    def restore_dir(self, sdir: Path, name: str, move: bool, lazy: bool = False) -> ContainerRecord:
         """Bring back the container checkpointed in sdir as NAME.
 
         move=False keeps sdir intact (a snapshot); move=True takes its upper dir and log
@@ -149,7 +153,7 @@ class Snapshots:
             self._prepare_dir(name, sdir, keep_log=existing is not None, move=move)
             self.catalog.transition(name, "restore")
             faults.point("restore")
-            self.rt.spawn_shim(name, "restore", sdir)
+            self.rt.spawn_shim(name, "restore", sdir, lazy)
         except BaseException:
             self.rt.release(name)
             if previous is None:

@@ -31,7 +31,6 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 REMOTE_COMMAND = [sys.executable, "-m", "migrate.cli"]
 NUMBERS_FILE = Path("/tmp/migrate-512-numbers.txt")
-LAZY_SKIP = pytest.mark.skip(reason="lazy mode not implemented yet")
 
 
 class HostCLI(MigrateHost):
@@ -254,7 +253,6 @@ def test_counter_continues_on_the_target_copy_mode(two):
     _counter_continues(two, "copy")
 
 
-@LAZY_SKIP
 def test_counter_continues_on_the_target_lazy_mode(two):
     _counter_continues(two, "lazy")
 
@@ -352,15 +350,20 @@ def test_second_container_of_the_same_image_sends_no_layers(two):
 # 8: a failed restore on the target rolls back
 
 
-def test_failed_restore_on_the_target_rolls_back(two):
+@pytest.mark.parametrize("mode,fault,step", [
+    ("copy", "restore", "restore"),
+    ("lazy", "restore", "restore"),
+    ("lazy", "pages", "memory pages"),  # after the target resumed: it is killed, the source resumes
+])
+def test_failed_restore_on_the_target_rolls_back(two, mode, fault, step):
     a, b = two["host-a"], two["host-b"]
-    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "restore"})
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": fault})
     before = start_counter(two)
     rec = two.record("host-a", "c1")
     planned_b = Cgroups.plan(b.state.cgroup_parent, "c1").paths
 
-    r = a.fails(8, "c1", "host-b", "--mode", "copy")
-    assert "failed at restore" in r.err and "c1" in r.err and "host-b" in r.err, str(r)
+    r = a.fails(8, "c1", "host-b", "--mode", mode)
+    assert f"failed at {step}" in r.err and "c1" in r.err and "host-b" in r.err, str(r)
 
     # the source: the same processes, running, counting on without a gap
     ct = a.container("c1")
@@ -495,7 +498,7 @@ def _record_512(mode: str, stats: dict) -> None:
     record_timing(f"512MiB migration {mode}", downtime_s=stats["downtime_s"], total_s=stats["total_s"])
 
 
-@pytest.mark.parametrize("mode", ["copy", pytest.param("lazy", marks=LAZY_SKIP)])
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
 def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
     c = cluster(2)
     a, b = c["host-a"], c["host-b"]
