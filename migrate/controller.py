@@ -26,7 +26,7 @@ from . import preflight
 from .hosts import resolve_host
 from .ssh import RemoteProcess, SSHSession
 from .stats import MigrationStats
-from .transfer import Rsync, missing_layers
+from .transfer import DelayedProgress, Rsync, missing_layers
 from .tunnel import ReverseTunnel
 
 AGENT_TIMEOUT = 300.0
@@ -65,6 +65,7 @@ class Migration:
         self.spec = resolve_host(host, ssh_config=ssh_config, tool_config=tool_config)
         self.mode = mode
         self.step = "connect"
+        self.memory = 0  # the container's memory use, measured at preflight
         self.stats = MigrationStats(name, socket.gethostname(), self.spec.alias)
 
     def run(self) -> MigrationStats:
@@ -113,7 +114,8 @@ class Migration:
         rec = self.rt.catalog.container(self.name)
         local = host_facts(self.rt.root, self.rt.catalog, [])
         cdir = self.rt.root.container_dir(self.name)
-        need = (self.rt.usage(rec) or 0) + tree_size(cdir / "upper") + sum(
+        self.memory = self.rt.usage(rec) or 0
+        need = self.memory + tree_size(cdir / "upper") + sum(
             self.rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote["layers"]))
         verdict = preflight.judge(local, remote, self.name, need, self.mode)
         if not verdict.problems:
@@ -176,6 +178,22 @@ class Migration:
             sources = [cdir / "upper"] + ([cdir / "container.log"] if (cdir / "container.log").exists() else [])
             self.stats.bytes["upper"] += rsync.send(sources, incoming + "/", "upper dir", 0, delete=True)
 
+    def _wait_pages(self, agent: Agent, tunnel: ReverseTunnel, expected: int) -> None:
+        """The target fetches memory while it runs; show how far it got while we wait."""
+        done = threading.Event()
+        with DelayedProgress("memory pages", expected) as progress:
+            def watch() -> None:
+                while not done.wait(0.2):
+                    progress.update(tunnel.bytes_to_remote)
+
+            watcher = threading.Thread(target=watch, name="pages-progress", daemon=True)
+            watcher.start()
+            try:
+                agent.call("wait_pages", name=self.name)
+            finally:
+                done.set()
+                watcher.join(1.0)
+
     def _commit(self, agent: Agent) -> None:
         """The target owns the container from its acknowledgement on; only then may the source go."""
         self.step = "commit"
@@ -215,7 +233,7 @@ class Migration:
                 self.stats.downtime = time.monotonic() - self.freeze_started
                 self.step = "memory pages"
                 with self.stats.phase("pages (running)"):
-                    agent.call("wait_pages", name=self.name)
+                    self._wait_pages(agent, tunnel, self.memory)
                 self._commit(agent)
             except BaseException:
                 tunnel.release(False)  # a reset: CRIU fails the dump and resumes the source

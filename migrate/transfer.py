@@ -37,6 +37,35 @@ def missing_layers(wanted: Iterable[str], present: Iterable[str]) -> list[str]:
     return out
 
 
+class DelayedProgress:
+    """A progress bar on stderr that appears only once a transfer has taken over a second,
+    and only on a terminal: short transfers and scripts see nothing."""
+
+    def __init__(self, label: str, total: int):
+        self.label = label
+        self.total = max(total, 1)
+        self.started = time.monotonic()
+        self._bar: Progress | None = None
+        self._task = None
+
+    def update(self, done: int) -> None:
+        if self._bar is None:
+            if time.monotonic() - self.started < PROGRESS_AFTER or not err.is_terminal:
+                return
+            self._bar = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=err, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        self._bar.update(self._task, completed=done)
+
+    def __enter__(self) -> "DelayedProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 @dataclass
 class Rsync:
     spec: HostSpec
@@ -57,25 +86,15 @@ class Rsync:
         """Copy sources into dest on the host; returns the bytes rsync sent. A bar after a second."""
         argv = self.argv(sources, dest, delete)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        started = time.monotonic()
-        progress = task = None
         output: list[bytes] = []
-        for line in _lines(proc.stdout):
-            output.append(line)
-            m = _PROGRESS.match(line)
-            if not m:
-                continue
-            if progress is None and time.monotonic() - started > PROGRESS_AFTER and err.is_terminal:
-                progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                    TimeRemainingColumn(), console=err, transient=True)
-                progress.start()
-                task = progress.add_task(label, total=max(total, 1))
-            if progress is not None:
-                progress.update(task, completed=int(m.group(1).replace(b",", b"")))
+        with DelayedProgress(label, total) as progress:
+            for line in _lines(proc.stdout):
+                output.append(line)
+                m = _PROGRESS.match(line)
+                if m:
+                    progress.update(int(m.group(1).replace(b",", b"")))
         stderr = proc.stderr.read().decode(errors="replace")
         code = proc.wait()
-        if progress is not None:
-            progress.stop()
         if code != 0:
             last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [f"exit status {code}"]
             raise RemoteError(f"rsync of {label} to {self.spec.alias} failed: {last[0]}")
