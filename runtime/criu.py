@@ -66,13 +66,12 @@ class RestoreOptions:
     log_level: int = 4
 
 
-def dump_request(opts: DumpOptions, images_fd: int):
+def _request(kind: str, opts: DumpOptions | RestoreOptions, images_fd: int):
+    """What dumps and restores share: images, log, locks, notifications, external resources."""
     rpc = _rpc()
-    req = rpc.criu_req(type=rpc.DUMP)
+    req = rpc.criu_req(type=getattr(rpc, kind))
     o = req.opts
     o.images_dir_fd = images_fd
-    o.pid = opts.pid
-    o.leave_running = opts.leave_running
     o.log_file = opts.log_file
     o.log_level = opts.log_level
     o.file_locks = opts.file_locks
@@ -82,29 +81,24 @@ def dump_request(opts: DumpOptions, images_fd: int):
     o.external.extend(opts.external)
     if opts.lazy_pages:
         o.lazy_pages = True
+    return req
+
+
+def dump_request(opts: DumpOptions, images_fd: int):
+    req = _request("DUMP", opts, images_fd)
+    req.opts.pid = opts.pid
+    req.opts.leave_running = opts.leave_running
     if opts.page_server:
-        o.ps.address, o.ps.port = opts.page_server
+        req.opts.ps.address, req.opts.ps.port = opts.page_server
     return req
 
 
 def restore_request(opts: RestoreOptions, images_fd: int):
-    rpc = _rpc()
-    req = rpc.criu_req(type=rpc.RESTORE)
-    o = req.opts
-    o.images_dir_fd = images_fd
-    o.root = opts.root
-    o.log_file = opts.log_file
-    o.log_level = opts.log_level
-    o.file_locks = opts.file_locks
-    o.tcp_established = opts.tcp_established
-    o.notify_scripts = True
-    o.rst_sibling = True  # the restored init becomes our child, so we can reap it
-    o.manage_cgroups_mode = rpc.IGNORE
-    o.external.extend(opts.external)
+    req = _request("RESTORE", opts, images_fd)
+    req.opts.root = opts.root
+    req.opts.rst_sibling = True  # the restored init becomes our child, so we can reap it
     for key, fd in opts.inherit_fds:
-        o.inherit_fd.add(key=key, fd=fd)
-    if opts.lazy_pages:
-        o.lazy_pages = True
+        req.opts.inherit_fd.add(key=key, fd=fd)
     return req
 
 
