@@ -7,6 +7,8 @@ which step failed. Only after the commit is the source's copy removed.
 """
 
 import base64
+import os
+import signal
 import contextlib
 import shutil
 import socket
@@ -38,6 +40,12 @@ def free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _kill(pid: int | None) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class Agent:
@@ -214,7 +222,8 @@ class Migration:
         def run_dump() -> None:
             try:
                 dump(rec, outgoing, leave_running=False, on_frozen=ship, lazy_port=port,
-                     on_notify=lambda script: ready.set() if script == "status-ready" else None)
+                     on_notify=lambda script: ready.set() if script == "status-ready" else None,
+                     on_criu=lambda pid: outcome.__setitem__("criu", pid))
             except BaseException as e:  # noqa: BLE001 - handed to the controller's thread
                 outcome["error"] = e
             finally:
@@ -240,6 +249,9 @@ class Migration:
                 if tunnel.stats().connections == 0:  # the target never reached the page server
                     abort_lazy_dump(port)
                 thread.join(DUMP_JOIN_TIMEOUT)
+                if thread.is_alive():  # last resort: without its tracer the frozen tree runs on
+                    _kill(outcome.get("criu"))
+                    thread.join(DUMP_JOIN_TIMEOUT)
                 raise
             tunnel.release(True)  # a clean end: CRIU ends the source tree and the dump returns
             thread.join(DUMP_JOIN_TIMEOUT)

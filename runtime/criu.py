@@ -235,9 +235,9 @@ class Criu:
     def __init__(self, binary: str | None = None):
         self.binary = binary or find_binary()
 
-    def dump(self, opts: DumpOptions, images_dir: Path, on_notify=None) -> None:
+    def dump(self, opts: DumpOptions, images_dir: Path, on_notify=None, on_spawn=None) -> None:
         """Checkpoint the tree at opts.pid; on_notify(script, pid) runs while CRIU waits (tree frozen)."""
-        self._run("dump", dump_request, opts, images_dir, on_notify)
+        self._run("dump", dump_request, opts, images_dir, on_notify, on_spawn)
 
     def restore(self, opts: RestoreOptions, images_dir: Path, on_notify=None, on_spawn=None) -> int:
         """Restore; returns the host PID of the restored init, which is our child."""

@@ -58,13 +58,16 @@ def tree_size(path: Path) -> int:
 
 
 def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
-         on_notify: Callable[[str], None] | None = None, lazy_port: int | None = None) -> None:
+         on_notify: Callable[[str], None] | None = None, lazy_port: int | None = None,
+         on_criu: Callable[[int], None] | None = None) -> None:
     """Checkpoint a running container into the new folder sdir (images, spec, stdio identities).
 
     on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
     CRIU resumes the tree and the dump fails. Any other notification goes to on_notify.
     With lazy_port, memory stays out of the images: after post-dump CRIU serves it from a page
     server on 127.0.0.1:lazy_port (announced by `status-ready`) and returns once it is all sent.
+    on_criu gets the PID of the dumping criu: killing it is the last resort to resume a tree it
+    holds frozen.
     """
     sdir.mkdir(mode=0o700)
     (sdir / "images").mkdir(mode=0o700)
@@ -84,7 +87,7 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
         lazy_pages=lazy_port is not None,
         page_server=("127.0.0.1", lazy_port) if lazy_port is not None else None,
     )
-    Criu().dump(opts, sdir / "images", notified)
+    Criu().dump(opts, sdir / "images", notified, on_criu)
 
 
 class Snapshots:
