@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import faults, states
-from runtime.container import Runtime
+from runtime.container import LaunchedShim, Runtime
 from runtime.criu import Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
 from runtime.facts import cpuinfo_check, host_facts
 from runtime.snapshots import Snapshots
-from runtime.spec import validate_name
+from runtime.spec import ContainerSpec, validate_name
 
 PROTOCOL = 1
 
@@ -36,6 +36,7 @@ class _Pending:
     staging: Path
     adopted: list[str] = field(default_factory=list)
     pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
+    shim: LaunchedShim | None = None  # started before the freeze, told to go at restore
 
 
 class Agent:
@@ -79,6 +80,16 @@ class Agent:
                 p.adopted.append(digest)
         return {"adopted": len(p.adopted)}
 
+    def op_preload(self, msg: dict) -> dict:
+        """Before the freeze: the container's record and folders, and its shim's interpreter
+        already started, so the restore inside the downtime does only the restore."""
+        p = self._pending(msg)
+        spec = ContainerSpec.from_json(msg["spec"]).renamed(p.name)
+        self.rt.require_layers(spec)
+        self.rt.create_record(spec)
+        p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")))
+        return {}
+
     def op_restore(self, msg: dict) -> dict:
         """Restore from the incoming folder; with lazy_port, memory comes from the source's page
         server, reached at 127.0.0.1:lazy_port (a tunnel in the SSH connection)."""
@@ -86,7 +97,8 @@ class Agent:
         lazy_port = msg.get("lazy_port")
         if lazy_port is not None:
             p.pages = Criu().lazy_pages(p.incoming / "images", int(lazy_port))
-        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None)
+        shim, p.shim = p.shim, None
+        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None, shim=shim)
         if p.pages is None:
             _remove_incoming(p.incoming)
         return {"pid": rec.pid}
@@ -119,6 +131,8 @@ class Agent:
         p, self.pending = self.pending, None
         if p is None:
             return
+        if p.shim is not None:
+            p.shim.cancel()
         if self.rt.catalog.find_container(p.name) is not None:
             rec = self.rt.catalog.container(p.name)
             if rec.state == states.RUNNING:

@@ -157,6 +157,8 @@ class Migration:
         with self.stats.phase("upper sync (running)"):
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
                                                     tree_size(cdir / "upper"), delete=True)
+        self.step = "prepare restore"
+        agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy")
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         self.step = "checkpoint"

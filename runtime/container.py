@@ -109,30 +109,33 @@ class Runtime:
 
     def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False) -> int:
         """Start the detached shim and wait for its verdict; returns the init PID."""
+        return self.launch_shim(name, mode, snapshot, lazy).go()
+
+    def launch_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False) -> "LaunchedShim":
+        """Start the shim's interpreter now; it builds or restores the container on `go()`."""
         cdir = self.root.container_dir(name)
         status_r, status_w = os.pipe()
+        go_r, go_w = os.pipe()
         argv = [sys.executable, "-m", "runtime.shim", mode, name, "--status-fd", str(status_w)]
         if snapshot is not None:
             argv += ["--snapshot", str(snapshot)]
         if lazy:
             argv.append("--lazy")
-        with open(cdir / "shim.log", "ab") as shim_log:
-            proc = subprocess.Popen(
-                argv, pass_fds=(status_w,), start_new_session=True, cwd="/",
-                stdin=subprocess.DEVNULL, stdout=shim_log, stderr=subprocess.STDOUT,
-                env={**os.environ, "MIGRATE_ROOT": str(self.root.root)},
-            )
-        os.close(status_w)
-        line = _read_line(status_r, SHIM_TIMEOUT)
-        if not line:
-            proc.kill()
-            proc.wait()
-            raise MigrateError(f"the shim of {name} died before reporting (see {cdir / 'shim.log'})")
-        verdict = json.loads(line)
-        if not verdict["ok"]:
-            proc.wait(timeout=30)
-            raise error_for(verdict.get("exit_code", 1), verdict["error"])
-        return int(verdict["pid"])
+        try:
+            with open(cdir / "shim.log", "ab") as shim_log:
+                proc = subprocess.Popen(
+                    argv, pass_fds=(status_w,), start_new_session=True, cwd="/",
+                    stdin=go_r, stdout=shim_log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "MIGRATE_ROOT": str(self.root.root)},
+                )
+        except BaseException:
+            os.close(status_r)
+            os.close(go_w)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(go_r)
+        return LaunchedShim(name, proc, status_r, go_w, cdir / "shim.log")
 
     # stopping and removing
     def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:
@@ -229,6 +232,42 @@ class Runtime:
 
     def usage(self, rec: ContainerRecord) -> int | None:
         return Cgroups(rec.cgroups).memory_usage() if rec.state == states.RUNNING else None
+
+
+@dataclass
+class LaunchedShim:
+    """A shim whose interpreter runs but which has not started work: `go()` or `cancel()` it."""
+
+    name: str
+    proc: subprocess.Popen
+    status_r: int
+    go_w: int
+    log: Path
+
+    def go(self) -> int:
+        """Let it build or restore the container; returns the init PID once it runs."""
+        try:
+            os.write(self.go_w, b"g")
+        except BrokenPipeError:
+            pass  # it died already: reported below
+        finally:
+            os.close(self.go_w)
+        line = _read_line(self.status_r, SHIM_TIMEOUT)
+        if not line:
+            self.proc.kill()
+            self.proc.wait()
+            raise MigrateError(f"the shim of {self.name} died before reporting (see {self.log})")
+        verdict = json.loads(line)
+        if not verdict["ok"]:
+            self.proc.wait(timeout=30)
+            raise error_for(verdict.get("exit_code", 1), verdict["error"])
+        return int(verdict["pid"])
+
+    def cancel(self) -> None:
+        """It was not needed: EOF on its go pipe makes it exit at once."""
+        os.close(self.go_w)
+        os.close(self.status_r)
+        self.proc.wait(timeout=30)
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -5,10 +5,14 @@ CRIU bring it back (restore), tells the CLI the outcome through a status pipe, t
 container's stdout/stderr into its log until init exits, records the exit status, and tears
 down the container's mounts and cgroups.
 
-Run as: python -m runtime.shim start|restore NAME --status-fd FD [--snapshot DIR]
+Run as: python -m runtime.shim start|restore NAME --status-fd FD [--snapshot DIR] [--lazy]
+
+It waits for one byte on stdin before it starts: a migration launches it before the freeze,
+so the interpreter's start-up is not part of the downtime. EOF instead means "not needed".
 """
 
 import argparse
+import contextlib
 import json
 import os
 import selectors
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from . import linux, rootfs, states
 from .cgroups import Cgroups
-from .criu import Criu, RestoreOptions
+from .criu import Criu, RestoreOptions, _rpc
 from .errors import MigrateError
 from .layers import LayerStore
 from .paths import StateRoot
@@ -206,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         # a handler, not SIG_IGN: ignored signals would be inherited by criu and the container
         signal.signal(sig, lambda *_: None)
     linux.set_child_subreaper()
+    with contextlib.suppress(MigrateError):  # without pycriu, a restore reports it after the go
+        _rpc()  # import pycriu before the go: it is part of the start-up we keep out of the downtime
+    if not sys.stdin.buffer.read(1):
+        return 0
     root = StateRoot.from_env()
     catalog = Catalog(root.db)
     status = os.fdopen(args.status_fd, "w")

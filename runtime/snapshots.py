@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import faults, rootfs, states
-from .container import Runtime
+from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
 from .errors import Conflict, MigrateError, NotFound
 from .shim import CHECKPOINT_META
@@ -136,11 +136,13 @@ class Snapshots:
         snap = self._find(name, ref)
         return self.restore_dir(self.root.snapshot_dir(snap.id), validate_name(new_name or name), move=False)
 
-    def restore_dir(self, sdir: Path, name: str, move: bool, lazy: bool = False) -> ContainerRecord:
+    def restore_dir(self, sdir: Path, name: str, move: bool, lazy: bool = False,
+                    shim: LaunchedShim | None = None) -> ContainerRecord:
         """Bring back the container checkpointed in sdir as NAME.
 
         move=False keeps sdir intact (a snapshot); move=True takes its upper dir and log
-        (a migration's incoming folder, used once).
+        (a migration's incoming folder, used once). `shim` is one launched ahead of time for
+        this restore (see Runtime.launch_shim).
         """
         spec = ContainerSpec.from_json((sdir / SPEC_FILE).read_text()).renamed(name)
         self.rt.require_layers(spec)
@@ -156,7 +158,10 @@ class Snapshots:
             self._prepare_dir(name, sdir, keep_log=existing is not None, move=move)
             self.catalog.transition(name, "restore")
             faults.point("restore")
-            self.rt.spawn_shim(name, "restore", sdir, lazy)
+            if shim is not None:
+                shim.go()
+            else:
+                self.rt.spawn_shim(name, "restore", sdir, lazy)
         except BaseException:
             self.rt.release(name)
             if previous is None:
