@@ -182,11 +182,14 @@ class Migration:
         self.step = "final sync"
         with self.stats.phase("final sync (frozen)"):
             images = outgoing / "images"
-            self.stats.bytes["images"] += rsync.send(
-                [images, outgoing / "spec.json", outgoing / "checkpoint.json"], incoming + "/", "checkpoint",
-                tree_size(images))
-            sources = [cdir / "upper"] + ([cdir / "container.log"] if (cdir / "container.log").exists() else [])
-            self.stats.bytes["upper"] += rsync.send(sources, incoming + "/", "upper dir", 0, delete=True)
+            image_bytes = tree_size(images)
+            sources = [images, outgoing / "spec.json", outgoing / "checkpoint.json", cdir / "upper"]
+            if (cdir / "container.log").exists():
+                sources.append(cdir / "container.log")
+            # one rsync run: every run costs a round of SSH channel set-up inside the freeze
+            sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True)
+            self.stats.bytes["images"] += min(sent, image_bytes)
+            self.stats.bytes["upper"] += max(0, sent - image_bytes)
 
     def _wait_pages(self, agent: Agent, tunnel: ReverseTunnel, expected: int) -> None:
         """The target fetches memory while it runs; show how far it got while we wait."""
