@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="verb", metavar="COMMAND")
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND", prog="migrate")
 
     image = sub.add_parser("image", help="import, list and remove images").add_subparsers(dest="image_verb",
                                                                                              metavar="ACTION")
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     srm.add_argument("id")
 
     mv = sub.add_parser("move", help="move a running container live to another host (same as: migrate NAME HOST)")
-    mv.add_argument("name")
+    mv.add_argument("name", help="the running container to move")
     mv.add_argument("host", help="a host as ssh knows it (~/.ssh/config, MIGRATE_SSH_CONFIG)")
     mv.add_argument("--mode", choices=MODES, default="auto",
                     help="copy: freeze, copy everything, restore; lazy: restore at once, memory follows; "
