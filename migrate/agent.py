@@ -53,7 +53,8 @@ class Agent:
 
     def op_hello(self, _msg: dict) -> dict:
         return {"protocol": PROTOCOL,
-                "facts": host_facts(self.rt.root, self.rt.catalog, self.rt.layers.digests())}
+                "facts": host_facts(self.rt.root, [c.name for c in self.rt.catalog.containers()],
+                                    self.rt.layers.digests())}
 
     def op_cpuinfo_check(self, msg: dict) -> dict:
         ok, message = cpuinfo_check(Criu(), base64.b64decode(msg["image"]))

@@ -15,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runtime import states
@@ -100,9 +101,12 @@ class Migration:
 
     def _migrate(self, agent: Agent, rsync: Rsync, session: SSHSession) -> None:
         self.step = "preflight"
-        with self.stats.phase("preflight"):
+        with self.stats.phase("preflight"), ThreadPoolExecutor(2) as pool:
+            # this host's facts are gathered while the other host gathers its own
+            local = pool.submit(host_facts, self.rt.root, [], [])
+            cpu = pool.submit(cpuinfo_dump, Criu())
             remote = agent.call("hello")["facts"]
-            self._preflight(agent, remote)
+            self._preflight(agent, local.result(), remote, cpu.result())
         self.rt.catalog.transition(self.name, "migrate")
         outgoing = self.rt.root.root / "outgoing" / self.name
         try:
@@ -118,16 +122,15 @@ class Migration:
             with contextlib.suppress(OSError):  # outgoing/ itself once empty: a migration leaves nothing here
                 outgoing.parent.rmdir()
 
-    def _preflight(self, agent: Agent, remote: dict) -> None:
+    def _preflight(self, agent: Agent, local: dict, remote: dict, cpuinfo: bytes) -> None:
         rec = self.rt.catalog.container(self.name)
-        local = host_facts(self.rt.root, self.rt.catalog, [])
         cdir = self.rt.root.container_dir(self.name)
         self.memory = self.rt.usage(rec) or 0
         need = self.memory + tree_size(cdir / "upper") + sum(
             self.rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote["layers"]))
         verdict = preflight.judge(local, remote, self.name, need, self.mode)
         if not verdict.problems:
-            cpu = agent.call("cpuinfo_check", image=base64.b64encode(cpuinfo_dump(Criu())).decode())
+            cpu = agent.call("cpuinfo_check", image=base64.b64encode(cpuinfo).decode())
             if not cpu["compatible"]:
                 verdict = preflight.Verdict(verdict.mode, (f"the CPU of {self.spec.alias} cannot run processes "
                                                            f"dumped here: {cpu['message']}",))

@@ -13,18 +13,17 @@ from pathlib import Path
 from .criu import Criu
 from .errors import CriuError
 from .paths import StateRoot
-from .store import Catalog
 
 PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 LAZY_PIPE_SIZE = 4 * 1024 * 1024
 
 
-def host_facts(root: StateRoot, catalog: Catalog, layers: list[str]) -> dict:
+def host_facts(root: StateRoot, containers: list[str], layers: list[str]) -> dict:
     facts: dict = {
         "hostname": socket.gethostname(),
         "root": str(root.root),
         "layers": layers,
-        "containers": [c.name for c in catalog.containers()],
+        "containers": containers,
         "free_bytes": _free_bytes(root.root),
         "pipe_max_size": int(PIPE_MAX_SIZE.read_text()),
     }
