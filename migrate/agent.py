@@ -98,8 +98,7 @@ class Agent:
         lazy_port = msg.get("lazy_port")
         if lazy_port is not None:
             p.pages = Criu().lazy_pages(p.incoming / "images", int(lazy_port))
-        shim, p.shim = p.shim, None
-        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None, shim=shim)
+        rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None, shim=p.shim)
         if p.pages is None:
             _remove_incoming(p.incoming)
         return {"pid": rec.pid}
@@ -111,7 +110,7 @@ class Agent:
         if p.pages is None:
             raise Conflict(f"{p.name} is not being restored lazily")
         faults.point("pages")
-        if p.pages.wait(float(msg.get("timeout", 3600))) != 0:
+        if p.pages.wait(float(msg.get("timeout_s", 3600))) != 0:
             self.rt.release(p.name)
             raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}")
         _remove_incoming(p.incoming)

@@ -34,6 +34,7 @@ from .tunnel import ReverseTunnel
 
 AGENT_TIMEOUT = 300.0
 DUMP_JOIN_TIMEOUT = 60.0
+PAGES_TIMEOUT = 3600.0  # a lazy page transfer longer than this is treated as failed
 
 
 def free_local_port() -> int:
@@ -56,9 +57,9 @@ class Agent:
         self.proc = proc
         self.host = host
 
-    def call(self, op: str, **args) -> dict:
+    def call(self, op: str, timeout: float = AGENT_TIMEOUT, **args) -> dict:
         self.proc.send({"op": op, **args})
-        answer = self.proc.recv(timeout=AGENT_TIMEOUT)
+        answer = self.proc.recv(timeout=timeout)
         if not isinstance(answer, dict):
             raise RemoteError(f"the agent on {self.host} answered {answer!r}")
         if not answer.get("ok"):
@@ -205,7 +206,8 @@ class Migration:
             watcher = threading.Thread(target=watch, name="pages-progress", daemon=True)
             watcher.start()
             try:
-                agent.call("wait_pages", name=self.name)
+                # the agent gives up after PAGES_TIMEOUT; we wait a little longer for its answer
+                agent.call("wait_pages", timeout=PAGES_TIMEOUT + 60, name=self.name, timeout_s=PAGES_TIMEOUT)
             finally:
                 done.set()
                 watcher.join(1.0)

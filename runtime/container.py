@@ -243,9 +243,11 @@ class LaunchedShim:
     status_r: int
     go_w: int
     log: Path
+    started: bool = False
 
     def go(self) -> int:
         """Let it build or restore the container; returns the init PID once it runs."""
+        self.started = True
         try:
             os.write(self.go_w, b"g")
         except BrokenPipeError:
@@ -264,7 +266,10 @@ class LaunchedShim:
         return int(verdict["pid"])
 
     def cancel(self) -> None:
-        """It was not needed: EOF on its go pipe makes it exit at once."""
+        """It was not needed: EOF on its go pipe makes it exit at once. No-op once it has gone."""
+        if self.started:
+            return
+        self.started = True
         os.close(self.go_w)
         os.close(self.status_r)
         self.proc.wait(timeout=30)
