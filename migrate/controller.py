@@ -7,10 +7,10 @@ which step failed. Only after the commit is the source's copy removed.
 """
 
 import base64
-import os
-import signal
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading

@@ -45,7 +45,8 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
     lazy_possible = lazy_implemented and bool(remote.get("lazy_pages")) and bool(local.get("lazy_pages"))
     if mode == "lazy" and not lazy_possible:
         why = "this build" if not lazy_implemented else (host if not remote.get("lazy_pages") else "this host")
-        problems.append(f"lazy mode needs userfaultfd (criu check --feature uffd-noncoop) and is not available on {why}")
+        problems.append("lazy mode needs userfaultfd (criu check --feature uffd-noncoop) "
+                        f"and is not available on {why}")
     chosen = mode if mode != "auto" else ("lazy" if lazy_possible else "copy")
     return Verdict(chosen, tuple(problems))
 

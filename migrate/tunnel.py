@@ -23,9 +23,8 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
-
 import weakref
+from dataclasses import dataclass
 
 import paramiko
 

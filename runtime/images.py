@@ -112,7 +112,7 @@ def _import_layers(src: "_Source", store: LayerStore, plan: _Plan) -> ImportedIm
     added: list[str] = []
     digests = []
     try:
-        for blob, diff_id in zip(plan.layers, diff_ids):
+        for blob, diff_id in zip(plan.layers, diff_ids, strict=True):
             digest = blob.digest or _hash(src, blob.where)
             with src.open(blob.where) as f:
                 if store.add_from_stream(digest, f, blob.media_type, size=blob.size, diff_id=diff_id):

@@ -7,14 +7,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the local test hosts live with the tests
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-from testhosts import TestHosts  # noqa: E402
-
-from migrate.ssh import SSHSession  # noqa: E402
-from runtime.imagebuild import build_image, busybox_layer  # noqa: E402
+from migrate.ssh import SSHSession
+from migrate.testhosts import TestHosts
+from runtime.imagebuild import build_image, busybox_layer
 
 console = Console(highlight=False)
 MIGRATE = [sys.executable, "-m", "migrate.cli"]

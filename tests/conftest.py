@@ -3,7 +3,8 @@
 import os
 
 import pytest
-from testhosts import TestHosts
+
+from migrate.testhosts import TestHosts
 
 
 @pytest.fixture

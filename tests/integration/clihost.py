@@ -3,6 +3,7 @@ integration tests share. The fixtures that use this are in conftest.py."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -293,3 +294,5 @@ def _rmdir(path: str) -> bool:
         return False
 
 
+def checksums(text: str) -> list[str]:
+    return re.findall(r"^sum ([0-9a-f]{16})$", text, re.MULTILINE)

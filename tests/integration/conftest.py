@@ -9,6 +9,7 @@ to be cleaned up by force is a leak of the runtime and fails the test.
 
 import contextlib
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -98,3 +99,60 @@ def bb(host, busybox_archives) -> "MigrateHost":
     """A host with busybox:latest imported."""
     host.import_busybox(busybox_archives["docker-archive"])
     return host
+
+
+MEMHOG_C = r"""
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define SIZE (512UL << 20)
+
+static void on_usr1(int sig) { (void)sig; }
+
+static uint64_t checksum(const uint64_t *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
+    return h;
+}
+
+int main(void) {
+    size_t n = SIZE / sizeof(uint64_t);
+    uint64_t *p = malloc(SIZE);
+    if (!p) { puts("malloc failed"); return 1; }
+    uint64_t x = 0x9e3779b97f4a7c15ULL;  /* xorshift64 from a fixed seed */
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        p[i] = x;
+    }
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &block, &old);
+    struct sigaction sa = {0};
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
+    printf("expected %016llx\n", (unsigned long long)x);  /* last value: a check of the fill */
+    printf("sum %016llx\n", (unsigned long long)checksum(p, n));
+    fflush(stdout);
+    for (;;) {
+        sigsuspend(&old);  /* returns after each SIGUSR1 */
+        printf("sum %016llx\n", (unsigned long long)checksum(p, n));
+        fflush(stdout);
+    }
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def memhog_image(tmp_path_factory) -> Path:
+    """busybox plus a static program holding 512 MiB of deterministic data."""
+    d = tmp_path_factory.mktemp("memhog")
+    (d / "memhog.c").write_text(MEMHOG_C)
+    p = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "memhog"), str(d / "memhog.c")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"gcc failed (./scripts/setup installs gcc and libc6-dev): {p.stderr}"
+    files = {**busybox_layer(), "bin/memhog": d / "memhog"}
+    build_image(d / "memhog.tar", files, fmt="oci-archive", name="memhog:latest", config={"Cmd": ["/bin/memhog"]})
+    return d / "memhog.tar"

@@ -4,7 +4,6 @@ import os
 import re
 import signal
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from clihost import (
     COUNTER,
     IMAGE,
     assert_consecutive,
+    checksums,
     counter_numbers,
     proc_gone,
     proc_identity,
@@ -20,8 +20,6 @@ from clihost import (
     wait_until,
 )
 from test_containers import assert_all_gone, assert_limits
-
-from runtime.imagebuild import build_image, busybox_layer
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -114,72 +112,11 @@ def test_leave_running_and_restore_a_copy_under_a_new_name(bb):
     assert bb.record("c1")["cgroups"] != bb.record("c2")["cgroups"]
 
 
-MEMHOG_C = r"""
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-
-#define SIZE (512UL << 20)
-
-static void on_usr1(int sig) { (void)sig; }
-
-static uint64_t checksum(const uint64_t *p, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
-    return h;
-}
-
-int main(void) {
-    size_t n = SIZE / sizeof(uint64_t);
-    uint64_t *p = malloc(SIZE);
-    if (!p) { puts("malloc failed"); return 1; }
-    uint64_t x = 0x9e3779b97f4a7c15ULL;  /* xorshift64 from a fixed seed */
-    for (size_t i = 0; i < n; i++) {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        p[i] = x;
-    }
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, SIGUSR1);
-    sigprocmask(SIG_BLOCK, &block, &old);
-    struct sigaction sa = {0};
-    sa.sa_handler = on_usr1;
-    sigaction(SIGUSR1, &sa, NULL);
-    printf("expected %016llx\n", (unsigned long long)x);  /* last value: a check of the fill */
-    printf("sum %016llx\n", (unsigned long long)checksum(p, n));
-    fflush(stdout);
-    for (;;) {
-        sigsuspend(&old);  /* returns after each SIGUSR1 */
-        printf("sum %016llx\n", (unsigned long long)checksum(p, n));
-        fflush(stdout);
-    }
-}
-"""
-
-
-@pytest.fixture(scope="session")
-def memhog_image(tmp_path_factory) -> Path:
-    """busybox plus a static program holding 512 MiB of deterministic data."""
-    d = tmp_path_factory.mktemp("memhog")
-    (d / "memhog.c").write_text(MEMHOG_C)
-    p = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "memhog"), str(d / "memhog.c")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"gcc failed (./scripts/setup installs gcc and libc6-dev): {p.stderr}"
-    files = {**busybox_layer(), "bin/memhog": d / "memhog"}
-    build_image(d / "memhog.tar", files, fmt="oci-archive", name="memhog:latest", config={"Cmd": ["/bin/memhog"]})
-    return d / "memhog.tar"
-
-
-def _sums(text: str) -> list[str]:
-    return re.findall(r"^sum ([0-9a-f]{16})$", text, re.MULTILINE)
-
-
 def test_512_mib_survive_checkpoint_and_restore(host, memhog_image):
     host.ok("image", "import", memhog_image)
     host.ok("run", "--name", "big", "memhog")
-    text = host.wait_log("big", lambda t: len(_sums(t)) == 1, 60, "the 512 MiB to be filled")
-    original = _sums(text)[0]
+    text = host.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled")
+    original = checksums(text)[0]
     mem = host.container("big")["memory"]
     assert mem >= 512 << 20, f"the cgroup accounts only {mem} bytes"
 
@@ -193,8 +130,8 @@ def test_512_mib_survive_checkpoint_and_restore(host, memhog_image):
     rs = host.ok("restore", "big")
     pid = host.container("big")["pid"]
     os.kill(pid, signal.SIGUSR1)
-    text = host.wait_log("big", lambda t: len(_sums(t)) == 2, 60, "the checksum after restore")
-    assert _sums(text) == [original, original]
+    text = host.wait_log("big", lambda t: len(checksums(t)) == 2, 60, "the checksum after restore")
+    assert checksums(text) == [original, original]
     assert host.container("big")["memory"] >= 512 << 20
 
     stats = _criu_stats(images)

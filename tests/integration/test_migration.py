@@ -1,9 +1,10 @@
 """Live migration between test hosts through the real `migrate` CLI, real SSH and real CRIU.
 
 Every test makes its own hosts (network namespaces with their own sshd and MIGRATE_ROOT, see
-tests/testhosts.py) and drives each host through the CLI as a user on that host would (HostCLI:
+migrate/testhosts.py) and drives each host through the CLI as a user on that host would (HostCLI:
 clihost.MigrateHost run inside the host's network and UTS namespaces, with its MIGRATE_ROOT).
-A migration is run on its source and reaches the target by its ssh config name. Whatever happens, every container on every host is removed and anything
+A migration is run on its source and reaches the target by its ssh config name. Whatever
+happens, every container on every host is removed and anything
 left in their cgroups is killed by PID before the hosts are torn down; what had to be removed
 by force is a leak of the tool and fails the test.
 """
@@ -19,9 +20,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from clihost import CLI_TIMEOUT, COUNTER, IMAGE, MigrateHost, Result, _cli, assert_consecutive, counter_numbers, \
-    proc_gone, proc_identity, record_timing, wait_until
-from test_checkpoint import _sums, memhog_image  # noqa: F401 - memhog_image is a fixture
+from clihost import (
+    CLI_TIMEOUT,
+    COUNTER,
+    IMAGE,
+    MigrateHost,
+    Result,
+    _cli,
+    assert_consecutive,
+    checksums,
+    counter_numbers,
+    proc_gone,
+    proc_identity,
+    record_timing,
+    wait_until,
+)
 from test_containers import assert_all_gone
 
 from runtime import linux
@@ -116,7 +129,7 @@ def _kill_in_cgroups(paths: set[str]) -> list[str]:
             except ProcessLookupError:
                 continue
             try:
-                wait_until(lambda: proc_gone(ident), 10, f"killed pid {pid} to go")
+                wait_until(lambda ident=ident: proc_gone(ident), 10, f"killed pid {pid} to go")
             except AssertionError as e:
                 leaks.append(str(e))
 
@@ -504,8 +517,8 @@ def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
     a, b = c["host-a"], c["host-b"]
     a.ok("image", "import", memhog_image)
     a.ok("run", "--name", "big", "memhog")
-    text = a.wait_log("big", lambda t: len(_sums(t)) == 1, 60, "the 512 MiB to be filled")
-    original = _sums(text)[0]
+    text = a.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled")
+    original = checksums(text)[0]
     stats = c.move_json("host-a", "big", "host-b", mode=mode)
     _record_512(mode, stats)
     assert 0 < stats["downtime_s"] < stats["total_s"]
@@ -514,8 +527,8 @@ def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
     ct = b.container("big")
     assert ct["state"] == "running"
     os.kill(ct["pid"], signal.SIGUSR1)
-    text = b.wait_log("big", lambda t: len(_sums(t)) == 2, 60, "the checksum on host-b")
-    assert _sums(text) == [original, original]
+    text = b.wait_log("big", lambda t: len(checksums(t)) == 2, 60, "the checksum on host-b")
+    assert checksums(text) == [original, original]
     assert b.container("big")["memory"] >= 512 << 20
     assert "big" not in a.ps()
 

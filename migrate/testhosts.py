@@ -1,4 +1,4 @@
-"""Several SSH-reachable "hosts" on this one machine, for integration tests.
+"""Several SSH-reachable "hosts" on this one machine, for integration tests, the demo and benchmarks.
 
 Each host is a network namespace on a private bridge, running its own sshd with its own host
 key, its own hostname (a UTS namespace that lives as long as its sshd and sessions), and its own
