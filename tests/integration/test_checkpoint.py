@@ -126,6 +126,10 @@ def test_512_mib_survive_checkpoint_and_restore(host, memhog_image):
     images = host.state.snapshot_dir(snap_id) / "images"
     pages = sum(f.stat().st_size for f in images.glob("pages-*.img"))
     assert pages >= 512 << 20, f"only {pages} bytes of pages dumped"
+    # the images hold the process's memory: only root may reach them
+    for folder in (host.state.snapshots, host.state.snapshot_dir(snap_id), images):
+        st = folder.stat()
+        assert (st.st_uid, st.st_mode & 0o077) == (0, 0), f"{folder} is mode {st.st_mode & 0o777:o}"
 
     rs = host.ok("restore", "big")
     pid = host.container("big")["pid"]
