@@ -65,6 +65,19 @@ def proc_gone(ident: tuple[int, int] | None) -> bool:
     return int(fields[19]) != start or fields[0] == "Z"
 
 
+def kill_leftover(pid: int, leaks: list[str]) -> None:
+    """SIGKILL a leaked process by PID and wait until it is gone; one that stays is a leak too."""
+    ident = proc_identity(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        wait_until(lambda: proc_gone(ident), 10, f"killed pid {pid} to go")
+    except AssertionError as e:
+        leaks.append(str(e))
+
+
 def counter_numbers(text: str) -> list[int]:
     """The numbers of complete lines (a last line without newline may still be being written)."""
     lines = text.split("\n")[:-1]
@@ -258,20 +271,12 @@ class MigrateHost:
             if not pids:
                 break
             for pid in pids:
-                ident = proc_identity(pid)
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     cmd = "?"
                 leaks.append(f"process left behind: {pid} {cmd.strip()[:120]}")
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
-                    wait_until(lambda ident=ident: proc_gone(ident), 10, f"killed pid {pid} to go")
-                except AssertionError as e:
-                    leaks.append(str(e))
+                kill_leftover(pid, leaks)
         for parent in self.cgroup_parents():
             if not os.path.isdir(parent):
                 continue

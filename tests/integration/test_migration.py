@@ -30,6 +30,7 @@ from clihost import (
     assert_consecutive,
     checksums,
     counter_numbers,
+    kill_leftover,
     proc_gone,
     proc_identity,
     record_timing,
@@ -122,16 +123,8 @@ def _kill_in_cgroups(paths: set[str]) -> list[str]:
         except (OSError, ValueError):
             pids = []
         for pid in pids:
-            ident = proc_identity(pid)
             leaks.append(f"process left behind in {path}: {pid}")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            try:
-                wait_until(lambda ident=ident: proc_gone(ident), 10, f"killed pid {pid} to go")
-            except AssertionError as e:
-                leaks.append(str(e))
+            kill_leftover(pid, leaks)
 
         def gone(p=path) -> bool:
             try:
