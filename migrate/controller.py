@@ -8,7 +8,6 @@ which step failed. Only after the commit is the source's copy removed.
 
 import base64
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -18,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime import states
+from runtime import linux, states
 from runtime.container import Runtime
 from runtime.criu import Criu, abort_lazy_dump
 from runtime.errors import MigrateError, MigrationFailed, RemoteError
@@ -42,12 +41,6 @@ def free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _kill(pid: int | None) -> None:
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 class Agent:
@@ -260,7 +253,7 @@ class Migration:
                     abort_lazy_dump(port)
                 thread.join(DUMP_JOIN_TIMEOUT)
                 if thread.is_alive():  # last resort: without its tracer the frozen tree runs on
-                    _kill(outcome.get("criu"))
+                    linux.send_signal(outcome.get("criu"), signal.SIGKILL)
                     thread.join(DUMP_JOIN_TIMEOUT)
                 raise
             tunnel.release(True)  # a clean end: CRIU ends the source tree and the dump returns

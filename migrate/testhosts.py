@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrate.hosts import HostSpec, resolve_host
+from runtime.linux import pid_running
 
 SSHD = "/usr/sbin/sshd"
 _LOCK = "/run/migrate-testhosts.lock"
@@ -334,19 +335,10 @@ def _kill_netns_processes(netns: str) -> None:
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + 5
-    while (alive := [p for p in victims if _running(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in victims if pid_running(p)]) and time.monotonic() < deadline:
         time.sleep(0.01)
     if alive:
         raise RuntimeError(f"processes {alive} in {netns} survived SIGKILL")
-
-
-def _running(pid: int) -> bool:
-    """True unless PID is gone or a zombie (a zombie no longer holds its namespaces)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _remove_tree(base: Path) -> None:

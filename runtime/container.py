@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rootfs, states
+from . import linux, rootfs, states
 from .cgroups import Cgroups
 from .errors import Conflict, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
@@ -141,9 +141,9 @@ class Runtime:
     def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:
         rec = self.catalog.container(name)
         states.check("stop", rec.state, name)
-        _signal(rec.pid, signal.SIGTERM)
+        linux.send_signal(rec.pid, signal.SIGTERM)
         if not self.wait_for_exit(name, timeout):
-            _signal(rec.pid, signal.SIGKILL)
+            linux.send_signal(rec.pid, signal.SIGKILL)
             if not self.wait_for_exit(name, 30):
                 raise MigrateError(f"{name} did not stop after SIGKILL (init pid {rec.pid})")
         return self.catalog.container(name)
@@ -154,7 +154,7 @@ class Runtime:
         rec = self.catalog.container(name)
         while time.monotonic() < deadline:
             rec = self.catalog.container(name)
-            if rec.state != states.RUNNING and not (rec.shim_pid and _running(rec.shim_pid)):
+            if rec.state != states.RUNNING and not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
                 return True
             time.sleep(0.05)
         return False
@@ -171,13 +171,13 @@ class Runtime:
         """Free a container's kernel resources after a failed start or restore: processes left in
         its cgroups (killed by PID), mounts under its folder, the cgroups themselves."""
         rec = self.catalog.find_container(name)
-        if rec is not None:
-            cgroups = Cgroups(rec.cgroups)
+        cgroups = Cgroups(rec.cgroups) if rec is not None else None
+        if cgroups is not None:
             for pid in cgroups.pids():
-                _signal(pid, signal.SIGKILL)
+                linux.send_signal(pid, signal.SIGKILL)
         rootfs.unmount_all(self.root.container_dir(name))
-        if rec is not None:
-            Cgroups(rec.cgroups).remove()
+        if cgroups is not None:
+            cgroups.remove()
 
     def discard(self, name: str) -> None:
         """Remove every trace of a container that has no running process."""
@@ -292,18 +292,3 @@ def _read_line(fd: int, timeout: float) -> str:
     return buf.decode(errors="replace").strip()
 
 
-def _signal(pid: int | None, sig: int) -> None:
-    if pid:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting for a slow PID 1."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -66,6 +66,24 @@ def set_child_subreaper() -> None:
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl")
 
 
+def send_signal(pid: int | None, sig: int) -> None:
+    """Signal a process by PID; one that is already gone (or no PID at all) is fine."""
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def pid_running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a slow PID 1 (a zombie holds no namespaces or mounts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def is_mountpoint(path: str) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
