@@ -18,7 +18,7 @@ from pathlib import Path
 from . import faults, rootfs, states
 from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
-from .errors import Conflict, MigrateError, NotFound
+from .errors import MigrateError, NotFound
 from .shim import CHECKPOINT_META
 from .spec import ContainerSpec, validate_name
 from .store import ContainerRecord, SnapshotRecord
@@ -99,8 +99,7 @@ class Snapshots:
     def checkpoint(self, name: str, leave_running: bool = False, tag: str | None = None) -> SnapshotRecord:
         if tag is not None:
             validate_name(tag, "tag")
-            if any(s.tag == tag for s in self.catalog.snapshots(name)):
-                raise Conflict(f"{name} already has a snapshot tagged {tag}")
+            self.catalog.require_free_tag(name, tag)  # before the dump, not after it
         rec = self.catalog.transition(name, "checkpoint")
         snapshot_id = secrets.token_hex(6)
         sdir = self.root.snapshot_dir(snapshot_id)

@@ -186,11 +186,14 @@ class Catalog:
         self._db.execute("DELETE FROM containers WHERE name=?", (name,))
 
     # snapshots
-    def add_snapshot(self, rec: SnapshotRecord) -> None:
-        if rec.tag and self._db.execute(
-            "SELECT 1 FROM snapshots WHERE container=? AND tag=?", (rec.container, rec.tag)
+    def require_free_tag(self, container: str, tag: str | None) -> None:
+        if tag and self._db.execute(
+            "SELECT 1 FROM snapshots WHERE container=? AND tag=?", (container, tag)
         ).fetchone():
-            raise Conflict(f"{rec.container} already has a snapshot tagged {rec.tag}")
+            raise Conflict(f"{container} already has a snapshot tagged {tag}")
+
+    def add_snapshot(self, rec: SnapshotRecord) -> None:
+        self.require_free_tag(rec.container, rec.tag)
         self._db.execute(
             "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?)",
             (rec.id, rec.container, rec.tag, rec.created, rec.spec.to_json(), rec.criu_version, rec.size),
