@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import faults, states
+from runtime import criulogs, faults, states
 from runtime.container import LaunchedShim, Runtime
 from runtime.criu import Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
@@ -49,7 +49,12 @@ class Agent:
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise InvalidInput(f"unknown agent request {op!r}")
-        return method(msg)
+        try:
+            return method(msg)
+        except CriuError as e:  # its CRIU log is in the incoming folder, which an abort removes
+            if self.pending is None:
+                raise
+            raise criulogs.keep_failed(self.rt.root, self.pending.name, e) from None
 
     def op_hello(self, _msg: dict) -> dict:
         return {"protocol": PROTOCOL,
@@ -88,7 +93,11 @@ class Agent:
         spec = ContainerSpec.from_json(msg["spec"]).renamed(p.name)
         self.rt.require_layers(spec)
         self.rt.create_record(spec)
-        p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")))
+        started = msg.get("started")
+        if isinstance(started, (int, float)) and not isinstance(started, bool):
+            self.rt.catalog.set_fields(p.name, started=float(started))  # STARTED moves with it
+        p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")),
+                                     tcp_close=bool(msg.get("tcp_close")))
         return {}
 
     def op_restore(self, msg: dict) -> dict:
@@ -112,7 +121,7 @@ class Agent:
         faults.point("pages")
         if p.pages.wait(float(msg.get("timeout_s", 3600))) != 0:
             self.rt.release(p.name)
-            raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}")
+            raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}", log=p.pages.log, op="lazy-pages")
         _remove_incoming(p.incoming)
         return {}
 
@@ -142,6 +151,16 @@ class Agent:
             p.pages.kill()
         _remove_incoming(p.incoming)
         shutil.rmtree(p.staging, ignore_errors=True)
+        if p.adopted:
+            self._remove_layers(p.adopted)
+
+    def _remove_layers(self, digests: list[str]) -> None:
+        """The layers this migration brought, unless an image, container or snapshot here uses
+        them: holding the catalog's write lock, so no record can start to use one meanwhile."""
+        with self.rt.catalog.transaction():
+            used = self.rt.catalog.layers_in_use()
+            for digest in digests:
+                self.rt.layers.remove_unused(digest, used)
 
     def _pending(self, msg: dict) -> _Pending:
         if self.pending is None or self.pending.name != msg.get("name"):
@@ -166,6 +185,8 @@ def serve(inp=sys.stdin, out=sys.stdout) -> int:
                 answer = {"ok": True, **agent.handle(json.loads(line))}
             except MigrateError as e:
                 answer = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+                if isinstance(e, CriuError) and e.log is not None:  # the controller names it with our host
+                    answer.update(error=e.detail, criu_log=str(e.log))
             except Exception as e:  # noqa: BLE001 - reported to the controller, logged here
                 traceback.print_exc(file=sys.stderr)
                 answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 1}

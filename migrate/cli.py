@@ -6,11 +6,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from runtime import criulogs
 from runtime.container import RunRequest, Runtime
-from runtime.errors import InvalidInput, MigrateError
+from runtime.errors import InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
 from runtime.snapshots import Snapshots
-from runtime.spec import parse_size
+from runtime.spec import parse_size, validate_name
 
 from . import output
 from .preflight import MODES
@@ -63,8 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", help="list containers")
     ps.add_argument("--json", action="store_true")
 
-    logs = sub.add_parser("logs", help="print a container's output")
+    logs = sub.add_parser("logs", help="print a container's output (or the CRIU log of its last failure)")
     logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--criu", action="store_true",
+                      help="print instead the newest CRIU log this host kept of a failed dump, restore or lazy "
+                           "page transfer of NAME (in MIGRATE_ROOT/criu-logs: the newest 10 per container, "
+                           "kept after rm)")
     logs.add_argument("name")
 
     ex = sub.add_parser("exec", help="run a command inside a running container")
@@ -103,12 +108,19 @@ def _parser() -> argparse.ArgumentParser:
                          "auto: lazy when both hosts support it")
     mv.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
     mv.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    mv.add_argument("--tcp-close", action="store_true",
+                    help="move even with TCP connections to outside the container: they are closed on the target")
+    mv.add_argument("--allow-new-inodes", action="store_true",
+                    help="move even with SQLite databases open in the container's own filesystem "
+                         "(their files get new inode numbers there, and SQLite may refuse to write)")
 
     sub.add_parser("agent", help="(internal) the remote side of a migration, spoken to over SSH")
 
     rs = sub.add_parser("restore", help="bring a checkpointed container back, running")
     rs.add_argument("--snapshot", metavar="ID|TAG", help="default: the latest snapshot")
     rs.add_argument("--name", dest="new_name", help="restore as a new container")
+    rs.add_argument("--tcp-close", action="store_true",
+                    help="bring connections to outside the container back closed (their peers are gone)")
     rs.add_argument("name")
     return p
 
@@ -164,6 +176,22 @@ def _snapshots(rt: Runtime, a) -> int:
     return 0
 
 
+def _criu_log(rt: Runtime, a) -> int:
+    """The newest kept CRIU log of NAME; the container itself may be gone (moved, removed)."""
+    if a.follow:
+        raise InvalidInput("logs --criu prints a finished log: it cannot follow (-f)")
+    log = criulogs.newest(rt.root, validate_name(a.name))
+    try:
+        data = log.read_bytes() if log is not None else None
+    except FileNotFoundError:  # pruned by a newer failure meanwhile
+        data = None
+    if data is None:
+        raise NotFound(f"no CRIU log of a failed dump or restore of {a.name} is kept on this host")
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
 def dispatch(a) -> int:
     rt = Runtime()
     try:
@@ -177,6 +205,8 @@ def dispatch(a) -> int:
         if a.verb == "ps":
             return _ps(rt, a)
         if a.verb == "logs":
+            if a.criu:
+                return _criu_log(rt, a)
             rt.follow_log(a.name, sys.stdout.buffer, a.follow)
             return 0
         if a.verb == "exec":
@@ -205,7 +235,8 @@ def dispatch(a) -> int:
         if a.verb == "move":
             from .controller import Migration  # paramiko is slow to import: only where it is needed
 
-            stats = Migration(rt, a.name, a.host, a.mode, ssh_config=a.ssh_config).run()
+            stats = Migration(rt, a.name, a.host, a.mode, ssh_config=a.ssh_config, tcp_close=a.tcp_close,
+                              allow_new_inodes=a.allow_new_inodes).run()
             if a.json:
                 output.print_json(stats.to_json())
             else:
@@ -217,7 +248,7 @@ def dispatch(a) -> int:
 
             return serve()
         if a.verb == "restore":
-            rec = Snapshots(rt).restore(a.name, a.snapshot, a.new_name)
+            rec = Snapshots(rt).restore(a.name, a.snapshot, a.new_name, tcp_close=a.tcp_close)
             output.out.print(f"{rec.name} running (pid {rec.pid})")
             return 0
         raise InvalidInput("no command given: see migrate --help")

@@ -17,12 +17,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime import linux, states
+from runtime import criulogs, linux, procfs, states
+from runtime.cgroups import Cgroups
 from runtime.container import Runtime
 from runtime.criu import Criu, abort_lazy_dump
-from runtime.errors import MigrateError, MigrationFailed, RemoteError
+from runtime.errors import CriuError, MigrateError, MigrationFailed, RemoteError
 from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
-from runtime.snapshots import dump, tree_size
+from runtime.snapshots import dump, dump_blocker, tree_size
 
 from . import preflight
 from .hosts import resolve_host
@@ -56,17 +57,21 @@ class Agent:
         if not isinstance(answer, dict):
             raise RemoteError(f"the agent on {self.host} answered {answer!r}")
         if not answer.get("ok"):
-            raise RemoteError(f"{self.host}: {answer.get('error')}")
+            where = f" (CRIU log on {self.host}: {answer['criu_log']})" if answer.get("criu_log") else ""
+            raise RemoteError(f"{self.host}: {answer.get('error')}{where}")
         return answer
 
 
 class Migration:
     def __init__(self, runtime: Runtime, name: str, host: str, mode: str = "auto",
-                 ssh_config: str | None = None, tool_config: str | None = None):
+                 ssh_config: str | None = None, tool_config: str | None = None,
+                 tcp_close: bool = False, allow_new_inodes: bool = False):
         self.rt = runtime
         self.name = name
         self.spec = resolve_host(host, ssh_config=ssh_config, tool_config=tool_config)
         self.mode = mode
+        self.tcp_close = tcp_close  # connections to the outside are restored closed on the target
+        self.allow_new_inodes = allow_new_inodes  # move even with SQLite databases open in the upper dir
         self.step = "connect"
         self.memory = 0  # the container's memory use, measured at preflight
         self.stats = MigrationStats(name, socket.gethostname(), self.spec.alias)
@@ -106,6 +111,8 @@ class Migration:
         try:
             self._transfer(agent, rsync, remote, outgoing, session)
         except BaseException as e:
+            if isinstance(e, CriuError):  # CRIU's log is in outgoing, which goes now: keep a copy
+                e = criulogs.keep_failed(self.rt.root, self.name, e)
             self._roll_back(agent)
             if isinstance(e, MigrateError):
                 raise MigrationFailed(f"migration of {self.name} to {self.spec.alias} failed at {self.step}: {e}; "
@@ -123,6 +130,12 @@ class Migration:
         need = self.memory + tree_size(cdir / "upper") + sum(
             self.rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote["layers"]))
         verdict = preflight.judge(local, remote, self.name, need, self.mode)
+        pids = Cgroups(rec.cgroups).pids()
+        problems, notes = preflight.holdings_verdict(
+            self.name, self.spec.alias, dump_blocker(rec), procfs.connections_to_outside(pids),
+            procfs.open_databases(pids), self.tcp_close, self.allow_new_inodes)
+        verdict = preflight.Verdict(verdict.mode, verdict.problems + tuple(problems))
+        self.stats.notes.extend(notes)
         if not verdict.problems:
             cpu = agent.call("cpuinfo_check", image=base64.b64encode(cpuinfo).decode())
             if not cpu["compatible"]:
@@ -155,7 +168,8 @@ class Migration:
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
                                                     tree_size(cdir / "upper"), delete=True)
         self.step = "prepare restore"
-        agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy")
+        agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy",
+                   tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         self.step = "checkpoint"

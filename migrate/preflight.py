@@ -54,3 +54,31 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
 def needs_pipe_size(local: dict) -> bool:
     """Lazy dumps need big pipes on the source (else `page-pipe: tee: ... Operation not permitted`)."""
     return local.get("pipe_max_size", 0) < LAZY_PIPE_SIZE
+
+
+def holdings_verdict(name: str, host: str, blocker: str | None, outside: list, databases: list[str],
+                     tcp_close: bool, allow_new_inodes: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes) about what the container holds: what CRIU cannot dump here, connections
+    whose other end stays behind, SQLite databases whose files get new inode numbers there."""
+    problems, notes = [], []
+    if blocker:
+        problems.append(blocker)
+    if outside:
+        listed = ", ".join(str(c) for c in outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+        if tcp_close:
+            notes.append(f"closed on {host} (--tcp-close): {listed}")
+        else:
+            problems.append(f"{name} has {len(outside)} TCP connection(s) to outside the container, which cannot "
+                            f"follow it to {host}: {listed}; end them first, or move with --tcp-close to have "
+                            "them closed there")
+    if databases:
+        listed = ", ".join(databases[:5])
+        if allow_new_inodes:
+            notes.append(f"SQLite databases open for writing get new inode numbers on {host} "
+                         f"(--allow-new-inodes): {listed}")
+        else:
+            problems.append(f"{name} has SQLite databases open for writing in its own filesystem ({listed}); their "
+                            f"files get new inode numbers on {host}, and SQLite then refuses to write "
+                            "(SQLITE_READONLY_DBMOVED): close them first, keep them in a volume, or move with "
+                            "--allow-new-inodes (docs/filesystem-identity.md)")
+    return problems, notes

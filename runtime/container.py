@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import linux, rootfs, states
 from .cgroups import Cgroups
-from .errors import Conflict, InvalidInput, MigrateError, NotFound, error_for
+from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
 from .paths import StateRoot
 from .shim import container_env
@@ -107,12 +107,15 @@ class Runtime:
         cgroups = Cgroups.plan(self.root.cgroup_parent, spec.name)
         self.catalog.set_fields(spec.name, cgroups=cgroups.paths)
 
-    def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False) -> int:
+    def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False,
+                   tcp_close: bool = False) -> int:
         """Start the detached shim and wait for its verdict; returns the init PID."""
-        return self.launch_shim(name, mode, snapshot, lazy).go()
+        return self.launch_shim(name, mode, snapshot, lazy, tcp_close).go()
 
-    def launch_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False) -> "LaunchedShim":
-        """Start the shim's interpreter now; it builds or restores the container on `go()`."""
+    def launch_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False,
+                    tcp_close: bool = False) -> "LaunchedShim":
+        """Start the shim's interpreter now; it builds or restores the container on `go()`.
+        tcp_close: a restore brings connections to the outside back closed."""
         cdir = self.root.container_dir(name)
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
@@ -121,6 +124,8 @@ class Runtime:
             argv += ["--snapshot", str(snapshot)]
         if lazy:
             argv.append("--lazy")
+        if tcp_close:
+            argv.append("--tcp-close")
         try:
             with open(cdir / "shim.log", "ab") as shim_log:
                 proc = subprocess.Popen(
@@ -262,6 +267,8 @@ class LaunchedShim:
         verdict = json.loads(line)
         if not verdict["ok"]:
             self.proc.wait(timeout=30)
+            if verdict.get("criu_log"):  # a failed restore: the shim kept CRIU's log there
+                raise CriuError(verdict["error"], log=verdict["criu_log"])
             raise error_for(verdict.get("exit_code", 1), verdict["error"])
         return int(verdict["pid"])
 

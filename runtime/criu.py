@@ -48,10 +48,14 @@ class DumpOptions:
     external: tuple[str, ...] = ()
     log_file: str = "dump.log"
     file_locks: bool = True
-    tcp_established: bool = False
+    tcp_established: bool = True  # connections between the container's own processes
     lazy_pages: bool = False
     page_server: tuple[str, int] | None = None
     log_level: int = 4
+    # inotify watches on overlay files: their file handles do not open, so CRIU finds the
+    # watched paths by inode number in these folders of the container (only when needed;
+    # "/" itself does not work: CRIU stats the path without its leading slash)
+    irmap_scan_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class RestoreOptions:
     inherit_fds: tuple[tuple[str, int], ...] = ()
     log_file: str = "restore.log"
     file_locks: bool = True
-    tcp_established: bool = False
+    tcp_established: bool = True
+    tcp_close: bool = False  # connections restore closed: their peers are not where we are
     lazy_pages: bool = False
     log_level: int = 4
 
@@ -76,6 +81,8 @@ def _request(kind: str, opts: DumpOptions | RestoreOptions, images_fd: int):
     o.log_level = opts.log_level
     o.file_locks = opts.file_locks
     o.tcp_established = opts.tcp_established
+    # the container shares its host's network: no netns to lock, and iptables may be absent
+    o.network_lock = rpc.NFTABLES
     o.notify_scripts = True
     o.manage_cgroups_mode = rpc.IGNORE  # cgroups are ours: recreated with their limits before restore
     o.external.extend(opts.external)
@@ -88,6 +95,10 @@ def dump_request(opts: DumpOptions, images_fd: int):
     req = _request("DUMP", opts, images_fd)
     req.opts.pid = opts.pid
     req.opts.leave_running = opts.leave_running
+    # connections still in a listener's accept queue, owned by no process yet, are dropped:
+    # their clients see a reset, as if the server had been a moment slower
+    req.opts.tcp_skip_in_flight = True
+    req.opts.irmap_scan_paths.extend(opts.irmap_scan_paths)
     if opts.page_server:
         req.opts.ps.address, req.opts.ps.port = opts.page_server
     return req
@@ -97,19 +108,30 @@ def restore_request(opts: RestoreOptions, images_fd: int):
     req = _request("RESTORE", opts, images_fd)
     req.opts.root = opts.root
     req.opts.rst_sibling = True  # the restored init becomes our child, so we can reap it
+    req.opts.tcp_close = opts.tcp_close
     for key, fd in opts.inherit_fds:
         req.opts.inherit_fd.add(key=key, fd=fd)
     return req
 
 
+# error lines every CRIU run here logs, whatever happens (FACTS.md): never the cause of a failure
+HARMLESS_ERRORS = ("rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted",)
+
+
 def log_errors(log_path: Path, count: int = 3) -> list[str]:
-    """CRIU's own last error lines, without the timestamp prefix."""
+    """CRIU's own error lines, without the timestamp prefix: the first one (often the cause)
+    and the last `count` (where it gave up), each once, without the harmless ones."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return []
     errors = [re.sub(r"^\(\s*[\d.]+\)\s*", "", ln).strip() for ln in lines if "Error" in ln or "error" in ln]
-    return errors[-count:]
+    errors = [e for e in errors if not any(h in e for h in HARMLESS_ERRORS)]
+    return list(dict.fromkeys(errors[:1] + errors[-count:]))
+
+
+class _CriuGone(CriuError):
+    """criu ended (crashed, or was never criu) without answering a request."""
 
 
 @dataclass
@@ -147,7 +169,7 @@ class _Session:
         while True:
             data = self._recv()
             if not data:
-                raise CriuError(f"CRIU ({self.binary}) exited without answering")
+                raise _CriuGone(f"CRIU ({self.binary}) exited without answering")
             resp = rpc.criu_resp()
             resp.ParseFromString(data)
             if resp.type != rpc.NOTIFY:
@@ -165,7 +187,7 @@ class _Session:
         try:
             self.sock.send(req.SerializeToString())
         except (BrokenPipeError, ConnectionResetError):  # criu died (or was never criu: MIGRATE_CRIU)
-            raise CriuError(f"CRIU ({self.binary}) exited without answering") from None
+            raise _CriuGone(f"CRIU ({self.binary}) exited without answering") from None
 
     def _recv(self) -> bytes:
         try:
@@ -212,15 +234,16 @@ class LazyPagesDaemon:
             os.close(status_r)
         if not ready:
             self.kill()
-            raise CriuError(f"criu lazy-pages did not start: {'; '.join(log_errors(self.log)) or 'no answer'} "
-                            f"(full log: {self.log})")
+            raise CriuError(f"criu lazy-pages did not start: {'; '.join(log_errors(self.log)) or 'no answer'}",
+                            log=self.log, op="lazy-pages")
 
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise CriuError(f"the lazy page transfer did not finish within {timeout:.0f} s") from None
+            raise CriuError(f"the lazy page transfer did not finish within {timeout:.0f} s",
+                            log=self.log, op="lazy-pages") from None
 
     def failure(self) -> str:
         return "; ".join(log_errors(self.log)) or f"exit status {self.proc.returncode}"
@@ -231,6 +254,36 @@ class LazyPagesDaemon:
         self.proc.wait()
 
 
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def release_network_lock(dump_log: Path) -> None:
+    """Drop the nftables table a final dump leaves behind (`inet CRIU-<run id>`, cut to the
+    kernel's name length). CRIU keeps it so that a restore of that very dump could resume
+    connections to the outside, but the tree is gone, and kept tables would pile up with every
+    checkpoint and move: peers outside now get a reset at once instead of silence. A restore
+    does not need it (it unlocks only what is there)."""
+    try:
+        with open(dump_log, errors="replace") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return
+    # `criu swrk` logs its own run id first, then the dump's: the table is named after the last
+    ids = re.findall(r"\) CRIU run id = ([0-9a-f-]+)", head)
+    if not ids or not shutil.which("nft"):
+        return
+    wanted = "CRIU-" + ids[-1]
+    listed = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True, timeout=30)
+    for line in listed.stdout.splitlines():
+        name = line.split()[-1] if line.startswith("table inet ") else ""
+        if len(name) > len("CRIU-") and wanted.startswith(name):
+            subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True, timeout=30)
+
+
 class Criu:
     def __init__(self, binary: str | None = None):
         self.binary = binary or find_binary()
@@ -238,6 +291,8 @@ class Criu:
     def dump(self, opts: DumpOptions, images_dir: Path, on_notify=None, on_spawn=None) -> None:
         """Checkpoint the tree at opts.pid; on_notify(script, pid) runs while CRIU waits (tree frozen)."""
         self._run("dump", dump_request, opts, images_dir, on_notify, on_spawn)
+        if not opts.leave_running:
+            release_network_lock(images_dir / opts.log_file)
 
     def restore(self, opts: RestoreOptions, images_dir: Path, on_notify=None, on_spawn=None) -> int:
         """Restore; returns the host PID of the restored init, which is our child."""
@@ -247,18 +302,24 @@ class Criu:
 
     def _run(self, what, build, opts, images_dir: Path, on_notify, on_spawn=None, extra_fds=()):
         images_fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+        log = images_dir / opts.log_file
+        earlier = _mtime(log)  # a snapshot restored before holds the log of that restore
         session = None
         try:
             session = _Session(self.binary, (images_fd, *extra_fds), on_spawn)
             resp = session.call(build(opts, images_fd), on_notify)
+        except _CriuGone as e:
+            if _mtime(log) in (None, earlier):  # it never got as far as logging: not criu at all
+                raise
+            detail = "; ".join(log_errors(log))
+            raise CriuError(f"{e}{': ' + detail if detail else ''}", log=log, op=what) from None
         finally:
             if session:
                 session.close()
             os.close(images_fd)
         if not resp.success:
-            log = images_dir / opts.log_file
             detail = "; ".join(log_errors(log)) or resp.cr_errmsg or f"errno {resp.cr_errno}"
-            raise CriuError(f"CRIU {what} failed: {detail} (full log: {log})")
+            raise CriuError(f"CRIU {what} failed: {detail}", log=log, op=what)
         return resp
 
     def lazy_pages(self, images_dir: Path, port: int) -> LazyPagesDaemon:

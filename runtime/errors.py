@@ -36,9 +36,20 @@ class ImageError(MigrateError):
 
 
 class CriuError(MigrateError):
-    """CRIU is missing or a dump/restore failed; the message quotes CRIU's own last lines."""
+    """CRIU is missing or a dump/restore failed; the message quotes CRIU's own error lines.
+
+    `log` is the CRIU log of the failed operation `op` (dump, restore, lazy-pages), named at the
+    end of the message; runtime.criulogs.keep_failed swaps it for a copy that outlives clean-up.
+    `detail` is the message without it.
+    """
 
     exit_code = 6
+
+    def __init__(self, message: str, log=None, op: str | None = None):
+        super().__init__(message if log is None else f"{message} (CRIU log: {log})")
+        self.detail = message
+        self.log = log
+        self.op = op
 
 
 class RemoteError(MigrateError):

@@ -17,6 +17,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -104,6 +105,14 @@ class LayerStore:
         layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
         layer.with_suffix(".json").unlink(missing_ok=True)
         _force_rmtree(doomed.parent)
+
+    def remove_unused(self, digest: str, in_use: Collection[str]) -> bool:
+        """Remove one layer unless `in_use` (the digests the catalog's images, containers and
+        snapshots refer to, taken under its write lock) names it; False if kept or absent."""
+        if digest in in_use or not self.has(digest):
+            return False
+        self.remove(digest)
+        return True
 
     def add_from_stream(
         self,

@@ -100,3 +100,12 @@ def mounts_under(prefix: str) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return sorted(found, key=len, reverse=True)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or unlink in that folder durable."""
+    fd = os.open(path, os.O_DIRECTORY | os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

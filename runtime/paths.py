@@ -39,6 +39,11 @@ class StateRoot:
     def tmp(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def criu_logs(self) -> Path:
+        """CRIU logs of failed dumps and restores (runtime/criulogs.py); they outlive the container."""
+        return self.root / "criu-logs"
+
     def container_dir(self, name: str) -> Path:
         return self.containers / name
 

@@ -5,7 +5,7 @@ CRIU bring it back (restore), tells the CLI the outcome through a status pipe, t
 container's stdout/stderr into its log until init exits, records the exit status, and tears
 down the container's mounts and cgroups.
 
-Run as: python -m runtime.shim start|restore NAME --status-fd FD [--snapshot DIR] [--lazy]
+Run as: python -m runtime.shim start|restore NAME --status-fd FD [--snapshot DIR] [--lazy] [--tcp-close]
 
 It waits for one byte on stdin before it starts: a migration launches it before the freeze,
 so the interpreter's start-up is not part of the downtime. EOF instead means "not needed".
@@ -22,10 +22,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import linux, rootfs, states
+from . import criulogs, linux, rootfs, states
 from .cgroups import Cgroups
 from .criu import Criu, RestoreOptions, _rpc
-from .errors import MigrateError
+from .errors import CriuError, MigrateError
 from .layers import LayerStore
 from .paths import StateRoot
 from .spec import ContainerSpec
@@ -111,7 +111,7 @@ class Shim:
             finally:
                 os._exit(127)
 
-    def restore(self, snapshot: Path, lazy: bool = False) -> int:
+    def restore(self, snapshot: Path, lazy: bool = False, tcp_close: bool = False) -> int:
         meta = json.loads((snapshot / CHECKPOINT_META).read_text())
         out_w, err_w = self._pipes()
         inherit = []
@@ -123,6 +123,7 @@ class Shim:
             external=tuple(f"mnt[{v.criu_key}]:{v.host_path}" for v in self.spec.volumes),
             inherit_fds=tuple(inherit),
             lazy_pages=lazy,
+            tcp_close=tcp_close,
         )
         try:
             return Criu().restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--status-fd", type=int, required=True)
     ap.add_argument("--snapshot", type=Path)
     ap.add_argument("--lazy", action="store_true", help="memory pages come from `criu lazy-pages`")
+    ap.add_argument("--tcp-close", action="store_true", help="restore connections to the outside closed")
     args = ap.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         # a handler, not SIG_IGN: ignored signals would be inherited by criu and the container
@@ -224,14 +226,22 @@ def main(argv: list[str] | None = None) -> int:
             pid = shim.start()
             catalog.transition(args.name, "start", pid=pid, shim_pid=os.getpid(), started=time.time())
         else:
-            pid = shim.restore(args.snapshot, args.lazy)
-            catalog.transition(args.name, "restore-done", pid=pid, shim_pid=os.getpid(), started=time.time())
+            pid = shim.restore(args.snapshot, args.lazy, args.tcp_close)
+            # STARTED is the container's first start, kept across restores and moves (the
+            # target of a move gets it with the record); only a record without one starts now
+            started = catalog.container(args.name).started or time.time()
+            catalog.transition(args.name, "restore-done", pid=pid, shim_pid=os.getpid(), started=started)
     except Exception as e:
         if not isinstance(e, MigrateError):
             traceback.print_exc()
         _safe(shim.teardown)
         code = e.exit_code if isinstance(e, MigrateError) else 1
-        status.write(json.dumps({"ok": False, "error": str(e), "exit_code": code}) + "\n")
+        verdict = {"ok": False, "error": str(e), "exit_code": code}
+        if isinstance(e, CriuError):  # its log is in the snapshot or incoming folder: keep a copy
+            kept = criulogs.keep_failed(root, args.name, e)
+            if kept.log is not None:
+                verdict.update(error=kept.detail, criu_log=str(kept.log))
+        status.write(json.dumps(verdict) + "\n")
         status.close()
         return 1
     status.write(json.dumps({"ok": True, "pid": pid}) + "\n")

@@ -6,6 +6,7 @@ was frozen, the log so far, the spec, and the stdio pipe identities CRIU needs t
 the output to a new shim. Only root can read it: CRIU images hold process memory.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -15,15 +16,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import faults, rootfs, states
+from . import criulogs, faults, linux, procfs, rootfs, states
+from .cgroups import Cgroups
 from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
-from .errors import MigrateError, NotFound
+from .errors import CriuError, MigrateError, NotFound
 from .shim import CHECKPOINT_META
 from .spec import ContainerSpec, validate_name
 from .store import ContainerRecord, SnapshotRecord
 
 SPEC_FILE = "spec.json"
+UPPER_SNAPSHOT = "upper.snapshot"  # in a stopped container's folder: the snapshot its upper dir is
+_NOT_SCANNED = frozenset({"proc", "sys", "dev"})
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -57,6 +61,50 @@ def tree_size(path: Path) -> int:
     return total
 
 
+def _mark_upper_snapshot(cdir: Path, snapshot_id: str) -> None:
+    """Record that the stopped container's upper dir is exactly that snapshot's (durably)."""
+    tmp = cdir / (UPPER_SNAPSHOT + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(snapshot_id)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, cdir / UPPER_SNAPSHOT)
+    linux.fsync_dir(cdir)
+
+
+def _upper_is_of(cdir: Path, snapshot_id: str) -> bool:
+    try:
+        return (cdir / UPPER_SNAPSHOT).read_text() == snapshot_id
+    except OSError:
+        return False
+
+
+def _forget_upper_snapshot(cdir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cdir / UPPER_SNAPSHOT)
+        linux.fsync_dir(cdir)
+
+
+def irmap_scan_paths(rootfs_dir: Path) -> tuple[str, ...]:
+    """Where CRIU looks for the files inotify watches (overlay file handles cannot be opened):
+    the container's top folders, without the kernel's (/proc alone holds tens of thousands)."""
+    try:
+        names = sorted(e.name for e in os.scandir(rootfs_dir) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return ()
+    return tuple(f"/{n}" for n in names if n not in _NOT_SCANNED)
+
+
+def dump_blocker(rec: ContainerRecord) -> str | None:
+    """Why CRIU cannot dump this running container on this host, found before anything freezes."""
+    others = procfs.foreign_ids(Cgroups(rec.cgroups).pids())
+    if others and not procfs.can_dump_other_users():
+        ids = ", ".join(str(i) for i in sorted(others)[:5])
+        return (f"processes of {rec.name} run as uid/gid {ids}, and CRIU needs CAP_SYS_RESOURCE to dump "
+                "another user's processes, which root lacks on this host")
+    return None
+
+
 def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
          on_notify: Callable[[str], None] | None = None, lazy_port: int | None = None,
          on_criu: Callable[[int], None] | None = None) -> None:
@@ -83,6 +131,7 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
     opts = DumpOptions(
         pid=rec.pid,
         leave_running=leave_running,
+        irmap_scan_paths=irmap_scan_paths(Path(f"/proc/{rec.pid}/root")),
         external=tuple(f"mnt[{v.container_path}]:{v.criu_key}" for v in rec.spec.volumes),
         lazy_pages=lazy_port is not None,
         page_server=("127.0.0.1", lazy_port) if lazy_port is not None else None,
@@ -100,6 +149,9 @@ class Snapshots:
         if tag is not None:
             validate_name(tag, "tag")
             self.catalog.require_free_tag(name, tag)  # before the dump, not after it
+        blocker = dump_blocker(self.catalog.container(name))
+        if blocker:
+            raise CriuError(f"cannot checkpoint {name}: {blocker}")
         rec = self.catalog.transition(name, "checkpoint")
         snapshot_id = secrets.token_hex(6)
         sdir = self.root.snapshot_dir(snapshot_id)
@@ -107,15 +159,20 @@ class Snapshots:
             self._dump(rec, sdir, leave_running)
             if not leave_running and not self.rt.wait_for_exit(name, 60):
                 raise MigrateError(f"the shim of {name} did not exit after the checkpoint")
-        except BaseException:
+        except BaseException as e:
+            # CRIU's log is in sdir, which goes now: the error names a kept copy instead
+            failure = criulogs.keep_failed(self.root, name, e) if isinstance(e, CriuError) else e
             shutil.rmtree(sdir, ignore_errors=True)
             self.catalog.transition(name, "checkpoint-failed")
+            if failure is not e:
+                raise failure from None
             raise
         snap = SnapshotRecord(snapshot_id, name, tag, time.time(), rec.spec, Criu().version(), tree_size(sdir))
         self.catalog.add_snapshot(snap)
         if leave_running:
             self.catalog.transition(name, "checkpoint-done-running")
         else:
+            _mark_upper_snapshot(self.root.container_dir(name), snapshot_id)
             self.catalog.transition(name, "checkpoint-done-stopped", pid=None, shim_pid=None, finished=time.time())
         return snap
 
@@ -131,17 +188,31 @@ class Snapshots:
         self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
         dump(rec, sdir, leave_running, copy_files)
 
-    def restore(self, name: str, ref: str | None = None, new_name: str | None = None) -> ContainerRecord:
+    def restore(self, name: str, ref: str | None = None, new_name: str | None = None,
+                tcp_close: bool = False) -> ContainerRecord:
         snap = self._find(name, ref)
-        return self.restore_dir(self.root.snapshot_dir(snap.id), validate_name(new_name or name), move=False)
+        target = validate_name(new_name or name)
+        cdir = self.root.container_dir(name)
+        in_place = target == name and _upper_is_of(cdir, snap.id)
+        try:
+            return self.restore_dir(self.root.snapshot_dir(snap.id), target, move=False, in_place=in_place,
+                                    tcp_close=tcp_close)
+        except BaseException:
+            if in_place:  # CRIU fails before the tree resumes: the upper dir is still the snapshot's
+                _mark_upper_snapshot(cdir, snap.id)
+            raise
 
     def restore_dir(self, sdir: Path, name: str, move: bool, lazy: bool = False,
-                    shim: LaunchedShim | None = None) -> ContainerRecord:
+                    shim: LaunchedShim | None = None, in_place: bool = False,
+                    tcp_close: bool = False) -> ContainerRecord:
         """Bring back the container checkpointed in sdir as NAME.
 
         move=False keeps sdir intact (a snapshot); move=True takes its upper dir and log
-        (a migration's incoming folder, used once). `shim` is one launched ahead of time for
-        this restore (see Runtime.launch_shim).
+        (a migration's incoming folder, used once). in_place=True keeps the container's own
+        upper dir, which is still exactly the snapshot's: its files keep their inode numbers,
+        which programs such as SQLite compare with the ones they opened. tcp_close brings
+        connections to the outside back closed. `shim` is one launched ahead of time for this
+        restore (see Runtime.launch_shim), with its own tcp_close.
         """
         spec = ContainerSpec.from_json((sdir / SPEC_FILE).read_text()).renamed(name)
         self.rt.require_layers(spec)
@@ -154,13 +225,13 @@ class Snapshots:
             previous = existing.state
             self.catalog.set_fields(name, spec=spec.to_json())
         try:
-            self._prepare_dir(name, sdir, keep_log=existing is not None, move=move)
+            self._prepare_dir(name, sdir, keep_log=existing is not None, move=move, in_place=in_place)
             self.catalog.transition(name, "restore")
             faults.point("restore")
             if shim is not None:
                 shim.go()
             else:
-                self.rt.spawn_shim(name, "restore", sdir, lazy)
+                self.rt.spawn_shim(name, "restore", sdir, lazy, tcp_close)
         except BaseException:
             self.rt.release(name)
             if previous is None:
@@ -170,16 +241,20 @@ class Snapshots:
             raise
         return self.catalog.container(name)
 
-    def _prepare_dir(self, name: str, sdir: Path, keep_log: bool, move: bool) -> None:
-        """A fresh upper dir from sdir; the log continues (or starts from sdir's copy)."""
+    def _prepare_dir(self, name: str, sdir: Path, keep_log: bool, move: bool, in_place: bool) -> None:
+        """The upper dir as sdir has it (kept, moved or copied); the log continues (or starts
+        from sdir's copy)."""
         cdir = self.root.container_dir(name)
         rootfs.unmount_all(cdir)
-        for sub in ("upper", "work"):
-            shutil.rmtree(cdir / sub, ignore_errors=True)
-        if move:
-            (sdir / "upper").rename(cdir / "upper")
-        else:
-            copy_tree(sdir / "upper", cdir / "upper")
+        # from here on the upper dir may change: a later restore of that snapshot must copy
+        _forget_upper_snapshot(cdir)
+        shutil.rmtree(cdir / "work", ignore_errors=True)
+        if not in_place:
+            shutil.rmtree(cdir / "upper", ignore_errors=True)
+            if move:
+                (sdir / "upper").rename(cdir / "upper")
+            else:
+                copy_tree(sdir / "upper", cdir / "upper")
         (cdir / "work").mkdir()
         (cdir / "rootfs").mkdir(exist_ok=True)
         log = cdir / "container.log"

@@ -3,6 +3,7 @@ integration tests share. The fixtures that use this are in conftest.py."""
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,6 +24,7 @@ BUSYBOX = Path("/bin/busybox")
 IMAGE = "busybox:latest"
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done"
 TIMINGS_FILE = Path("/tmp/migrate-integration-timings.txt")
+DEBIAN_IMAGE = "debian12-services:latest"  # tests/images/build-debian-services; fixture debian_image
 
 
 def _cli() -> list[str]:
@@ -114,6 +116,10 @@ class Result:
 
 class MigrateHost:
     """One state root, driven through the CLI."""
+
+    # What runs "on this host" starts with this: nothing here (this machine's own namespaces);
+    # a test host's HostCLI enters that host's network and UTS namespaces.
+    prefix: list[str] = []
 
     def __init__(self, root: Path, work: Path):
         self.root = root
@@ -215,6 +221,36 @@ class MigrateHost:
     def import_busybox(self, archive: Path) -> None:
         self.ok("image", "import", archive)
 
+    # running things on the host itself (its network namespace), beside its containers
+    def host_run(self, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.prefix, *argv], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def host_python(self, code: str, *args: str, timeout: float = 30) -> str:
+        """Run Python code on this host (in its network namespace, where its containers listen);
+        returns its stdout, fails the test with its stderr."""
+        p = self.host_run([sys.executable, "-c", code, *map(str, args)], timeout=timeout)
+        assert p.returncode == 0, f"python on the host failed (rc {p.returncode}): {p.stderr.strip()[-2000:]}"
+        return p.stdout
+
+    def tcp_states(self, port: int) -> list[str]:
+        """States of this host's TCP sockets (IPv4 and IPv6) with PORT at either end."""
+        return self.host_python(_TCP_STATES, port).split()
+
+    def wait_connections_closed(self, port: int, timeout: float = 10) -> None:
+        """Wait until no connection to or from PORT is open any more (only a listener and
+        TIME_WAIT remain): a container holding a connection to the outside is not dumpable."""
+        holder = {}
+
+        def closed() -> bool:
+            holder["states"] = self.tcp_states(port)
+            return set(holder["states"]) <= {"LISTEN", "TIME_WAIT"}
+
+        try:
+            wait_until(closed, timeout, f"the connections on port {port} to close", interval=0.1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {holder.get('states')}") from None
+
     # cleaning up
     def cgroup_parents(self) -> list[str]:
         """This root's per-root cgroup folder in every hierarchy (containers live below it)."""
@@ -301,3 +337,45 @@ def _rmdir(path: str) -> bool:
 
 def checksums(text: str) -> list[str]:
     return re.findall(r"^sum ([0-9a-f]{16})$", text, re.MULTILINE)
+
+
+_TCP_STATES = r"""
+import sys
+port = int(sys.argv[1])
+names = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+         7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV"}
+for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        lines = open(path).read().splitlines()[1:]
+    except FileNotFoundError:
+        continue
+    for line in lines:
+        f = line.split()
+        if port in (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)):
+            print(names.get(int(f[3], 16), f[3]))
+"""
+
+_FREE_PORTS = r"""
+import socket, sys
+for p in sys.argv[1:]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", int(p)))  # no SO_REUSEADDR: a port in TIME_WAIT counts as taken
+        print(p)
+    except OSError:
+        pass
+    finally:
+        s.close()
+"""
+
+
+def free_port(*hosts: MigrateHost) -> int:
+    """A TCP port free on 127.0.0.1 of every given host, below the ephemeral range (32768-60999
+    here), so ports the tool and CRIU pick by binding port 0 never collide with it."""
+    candidates = random.sample(range(20000, 32000), 40)
+    free = set(candidates)
+    for h in hosts:
+        free &= {int(p) for p in h.host_python(_FREE_PORTS, *map(str, candidates)).split()}
+    port = next((p for p in candidates if p in free), None)
+    assert port is not None, f"none of {candidates} is free on every host"
+    return port

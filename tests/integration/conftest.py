@@ -10,6 +10,7 @@ to be cleaned up by force is a leak of the runtime and fails the test.
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -156,3 +157,29 @@ def memhog_image(tmp_path_factory) -> Path:
     files = {**busybox_layer(), "bin/memhog": d / "memhog"}
     build_image(d / "memhog.tar", files, fmt="oci-archive", name="memhog:latest", config={"Cmd": ["/bin/memhog"]})
     return d / "memhog.tar"
+
+
+DEBIAN_BUILDER = Path(__file__).resolve().parents[1] / "images" / "build-debian-services"
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> Path:
+    """The Debian 12 image of the workload tests (python3, redis-server, sqlite3, procps; named
+    clihost.DEBIAN_IMAGE) as an oci-archive. Made by tests/images/build-debian-services, which
+    caches it (by default in /var/cache/migrate-tests): when the archive is current the builder
+    only compares its key and returns at once, else it builds (about a minute, from the Debian
+    mirror) and the tests wait."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the image is built with debootstrap")
+    try:
+        p = subprocess.run([sys.executable, str(DEBIAN_BUILDER)], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{DEBIAN_BUILDER} did not finish in 30 minutes")
+    if p.returncode != 0:
+        pytest.fail(f"{DEBIAN_BUILDER} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    lines = p.stdout.strip().splitlines()
+    archive = Path(lines[-1]) if lines else None
+    if archive is None or not archive.is_file():
+        pytest.fail(f"{DEBIAN_BUILDER} named no archive: {p.stdout!r}\n{p.stderr[-3000:]}")
+    return archive

@@ -36,10 +36,14 @@ from clihost import (
     record_timing,
     wait_until,
 )
+from test_checkpoint import GHOST_HOLDER, first_error, kept_criu_log
 from test_containers import assert_all_gone
 
 from runtime import linux
 from runtime.cgroups import Cgroups
+from runtime.criu import find_binary
+from runtime.imagebuild import build_image
+from runtime.layers import LayerStore
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -376,8 +380,9 @@ def test_failed_restore_on_the_target_rolls_back(two, mode, fault, step):
     assert (ct["state"], ct["pid"]) == ("running", rec["pid"]), ct
     assert a.record("c1")["shim_pid"] == rec["shim_pid"]
     assert_counts_on(two, "host-a", "c1", before)
-    # the target: nothing
+    # the target: nothing, not even the layers that were sent for it
     assert b.ps() == {}
+    assert LayerStore(b.state.layers).digests() == []
     assert linux.mounts_under(str(b.root)) == []
     assert not any(os.path.exists(p) for p in planned_b.values())
     assert not any(os.path.exists(p) for p in b.cgroup_parents())
@@ -587,3 +592,96 @@ def test_refused_when_the_host_key_is_wrong(two, tmp_path):
     _assert_refused_and_unchanged(two, r, 7, before, pid, nums)
     assert "host key" in r.err and "host-b" in r.err, str(r)
     assert two["host-b"].ps() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# 12: a failed migration takes back what it brought, and leaves the evidence
+
+
+def test_a_rolled_back_migration_removes_the_layers_it_sent(two, tmp_path):
+    a, b = two["host-a"], two["host-b"]
+    # host-b has an image of its own, which shares no layer with busybox
+    build_image(tmp_path / "other.tar", {"other": b"other\n"}, fmt="oci-archive", name="other:latest",
+                config={"Cmd": ["sh"]})
+    b.ok("image", "import", tmp_path / "other.tar")
+    layers_before = LayerStore(b.state.layers).digests()
+    assert len(layers_before) == 1
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "restore"})
+    before = start_counter(two)
+
+    r = a.fails(8, "c1", "host-b", "--mode", "copy")
+    assert "failed at restore" in r.err, str(r)
+    assert LayerStore(b.state.layers).digests() == layers_before
+    assert [i["name"] for i in b.json("image", "ls")] == ["other:latest"]
+    assert b.ps() == {}
+    assert_no_migration_leftovers(a, b)
+    assert_counts_on(two, "host-a", "c1", before)
+
+    # the layers had arrived and went: the next try sends them again, and they stay
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": ""})
+    stats = two.move_json("host-a", "c1", "host-b")
+    assert stats["bytes"]["layers"] > 0, stats
+    assert set(LayerStore(b.state.layers).digests()) > set(layers_before)
+
+
+DAMAGING_CRIU = """#!/bin/sh
+# host-b's criu in this test: every restore finds its images damaged (the tasks' core-*.img gone)
+if [ "$1" = swrk ]; then
+    for fd in /proc/$$/fd/*; do
+        if [ -f "$fd/inventory.img" ]; then rm -f "$fd"/core-*.img; fi
+    done
+fi
+exec {criu} "$@"
+"""
+
+
+def test_a_failed_restore_on_the_target_keeps_its_criu_log_there(two, tmp_path):
+    a, b = two["host-a"], two["host-b"]
+    wrapper = tmp_path / "damaging-criu"
+    wrapper.write_text(DAMAGING_CRIU.format(criu=find_binary()))
+    wrapper.chmod(0o755)
+    set_host_env(two.hosts, "host-b", {"MIGRATE_CRIU": str(wrapper)})
+    before = start_counter(two)
+
+    r = a.fails(8, "c1", "host-b", "--mode", "copy")
+    assert "failed at restore" in r.err and "CRIU restore failed" in r.err, str(r)
+    log = kept_criu_log(b, r, "host-b")  # the target's own path, said to be there
+    assert log.name.startswith("c1-restore-") and first_error(log) in r.err, str(r)
+    # it can be read there, where c1 never ran; here nothing failed
+    assert b.ok("logs", "--criu", "c1").out == log.read_text()
+    a.fails(3, "logs", "--criu", "c1")
+    # and the rest rolled back as ever
+    assert b.ps() == {} and LayerStore(b.state.layers).digests() == []
+    assert_no_migration_leftovers(a, b)
+    assert_counts_on(two, "host-a", "c1", before)
+
+
+def test_a_failed_dump_on_the_source_keeps_its_criu_log_here(two):
+    a, b = two["host-a"], two["host-b"]
+    a.ok("run", "--name", "c1", IMAGE, "sh", "-c", GHOST_HOLDER)
+    a.wait_log("c1", lambda t: "ready" in t)
+    pid = a.container("c1")["pid"]
+    r = a.fails(8, "c1", "host-b", "--mode", "copy")
+    assert "failed at checkpoint" in r.err and "ghost" in r.err, str(r)
+    log = kept_criu_log(a, r)
+    assert log.name.startswith("c1-dump-") and first_error(log) in r.err, str(r)
+    assert a.ok("logs", "--criu", "c1").out == log.read_text()
+    b.fails(3, "logs", "--criu", "c1")
+    assert (a.container("c1")["state"], a.container("c1")["pid"]) == ("running", pid)
+    assert b.ps() == {} and LayerStore(b.state.layers).digests() == []
+    assert_no_migration_leftovers(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 13: STARTED moves with the container
+
+
+def test_started_moves_with_the_container(two):
+    a, b = two["host-a"], two["host-b"]
+    start_counter(two)
+    started = a.record("c1")["started"]
+    assert started
+    two.move_json("host-a", "c1", "host-b", mode="copy")
+    assert b.container("c1")["started"] == started
+    two.move_json("host-b", "c1", "host-a", mode="lazy")
+    assert a.container("c1")["started"] == started

@@ -37,11 +37,52 @@ def test_restore_request():
     rpc.criu_req.FromString(req.SerializeToString())
 
 
-def test_log_errors_quotes_the_last_error_lines(tmp_path: Path):
+def test_log_errors_quotes_the_first_and_the_last_error_lines(tmp_path: Path):
     log = tmp_path / "dump.log"
     log.write_text("(00.001) fine\n(00.002) Error (criu/a.c:1): first\n(00.003) x\n"
                    "(00.004) Error (criu/b.c:2): second\n(00.005) Error (criu/c.c:3): third\n"
-                   "(00.006) Error (criu/d.c:4): fourth\n")
-    assert log_errors(log) == ["Error (criu/b.c:2): second", "Error (criu/c.c:3): third",
-                               "Error (criu/d.c:4): fourth"]
+                   "(00.006) Error (criu/d.c:4): fourth\n(00.007) Error (criu/e.c:5): fifth\n")
+    # the first (usually the cause), then the last three (where CRIU gave up)
+    assert log_errors(log) == ["Error (criu/a.c:1): first", "Error (criu/c.c:3): third",
+                               "Error (criu/d.c:4): fourth", "Error (criu/e.c:5): fifth"]
     assert log_errors(tmp_path / "missing.log") == []
+
+
+# how every CRIU run on these machines starts its log (FACTS.md): harmless, never the cause
+RLIMIT = "(00.034094) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+
+
+def test_log_errors_skips_the_harmless_rlimit_line(tmp_path: Path):
+    log = tmp_path / "dump.log"
+    log.write_text("(00.000001) Version: 4.1.1\n" + RLIMIT +
+                   "(00.034941) Error (compel/src/lib/infect.c:418): Unable to detach from 999999: No such process\n"
+                   "(00.034950) Error (criu/cr-dump.c:2111): Dumping FAILED.\n")
+    assert log_errors(log) == ["Error (compel/src/lib/infect.c:418): Unable to detach from 999999: No such process",
+                               "Error (criu/cr-dump.c:2111): Dumping FAILED."]
+    log.write_text(RLIMIT + "(00.1) all is well\n")
+    assert log_errors(log) == []
+
+
+def test_log_errors_quotes_no_line_twice(tmp_path: Path):
+    log = tmp_path / "restore.log"
+    log.write_text(RLIMIT + "(00.1) Error (criu/a.c:1): only\n")
+    assert log_errors(log) == ["Error (criu/a.c:1): only"]  # first and last at once
+    log.write_text("(00.1) Error (criu/a.c:1): same\n(00.2) ok\n(00.3) Error (criu/a.c:1): same\n"
+                   "(00.4) Error (criu/b.c:2): other\n")
+    assert log_errors(log) == ["Error (criu/a.c:1): same", "Error (criu/b.c:2): other"]
+    log.write_text("(00.1) Error (criu/a.c:1): one\n(00.2) Error (criu/b.c:2): two\n")
+    assert log_errors(log) == ["Error (criu/a.c:1): one", "Error (criu/b.c:2): two"]
+    log.write_text("(00.1) pie: 1: error: failed to open something\n")  # lower-case "error" counts too
+    assert log_errors(log) == ["pie: 1: error: failed to open something"]
+
+
+def test_dumps_and_restores_carry_connections_and_find_watched_files():
+    o = dump_request(DumpOptions(pid=1, irmap_scan_paths=("/etc", "/srv")), images_fd=3).opts
+    # connections between the container's own processes go into the images (both ends)
+    assert o.tcp_established and o.tcp_skip_in_flight
+    # the host's network is shared: lock with nftables (iptables may not exist)
+    assert o.network_lock == rpc.NFTABLES
+    assert list(o.irmap_scan_paths) == ["/etc", "/srv"]
+    r = restore_request(RestoreOptions(root="/r"), images_fd=4).opts
+    assert r.tcp_established and not r.tcp_close
+    assert restore_request(RestoreOptions(root="/r", tcp_close=True), images_fd=4).opts.tcp_close

@@ -8,7 +8,7 @@ import pytest
 
 from runtime.errors import ImageError, InvalidInput, NotFound
 from runtime.imagebuild import FileSpec, digest_of, make_layer, opaque, whiteout
-from runtime.layers import LayerStore, OverlayWhiteouts
+from runtime.layers import LayerStore, OverlayWhiteouts, parse_digest
 
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -218,3 +218,17 @@ def test_remove(store):
         store.remove(digest)
     with pytest.raises(NotFound):
         store.size_of(digest)
+
+
+def test_remove_unused_keeps_a_layer_in_use(store):
+    used, _ = add(store, {"a": b"used"})
+    unused, _ = add(store, {"ro": FileSpec.directory(0o500), "ro/f": FileSpec(data=b"x", mode=0o400)})
+    in_use = {used, "sha256:" + "0" * 64}
+    assert store.remove_unused(used, in_use) is False
+    assert store.remove_unused(unused, in_use) is True
+    assert store.digests() == [used]
+    assert (store.path_of(used) / "a").read_bytes() == b"used" and store.size_of(used) > 0
+    assert not store.path_of(used).with_name(parse_digest(unused) + ".json").exists()
+    assert store.remove_unused(unused, in_use) is False  # gone already: nothing to do
+    store.remove_unused(used, set())
+    assert_empty(store)

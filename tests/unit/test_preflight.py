@@ -53,3 +53,26 @@ def test_name_taken_and_disk_full_are_both_reported():
 def test_pipe_size_needed_for_lazy_dumps():
     assert needs_pipe_size(facts(pipe_max_size=1 << 20))
     assert not needs_pipe_size(facts(pipe_max_size=4 << 20))
+
+
+def test_holdings_refuse_connections_to_outside_unless_closed():
+    from migrate.preflight import holdings_verdict
+    from runtime.procfs import Connection
+
+    out = [Connection(("127.0.0.1", 8000), ("10.0.0.9", 5000))]
+    problems, notes = holdings_verdict("c1", "host-b", None, out, [], tcp_close=False, allow_new_inodes=False)
+    assert len(problems) == 1 and "127.0.0.1:8000 -> 10.0.0.9:5000" in problems[0] and "--tcp-close" in problems[0]
+    assert notes == []
+    problems, notes = holdings_verdict("c1", "host-b", None, out, [], tcp_close=True, allow_new_inodes=False)
+    assert problems == [] and "127.0.0.1:8000 -> 10.0.0.9:5000" in notes[0]
+
+
+def test_holdings_refuse_open_sqlite_databases_unless_allowed():
+    from migrate.preflight import holdings_verdict
+
+    problems, _ = holdings_verdict("c1", "host-b", None, [], ["/data.db"], tcp_close=False, allow_new_inodes=False)
+    assert "/data.db" in problems[0] and "SQLITE_READONLY_DBMOVED" in problems[0]
+    problems, notes = holdings_verdict("c1", "host-b", None, [], ["/data.db"], False, allow_new_inodes=True)
+    assert problems == [] and "/data.db" in notes[0]
+    problems, _ = holdings_verdict("c1", "host-b", "uid 1000 needs CAP_SYS_RESOURCE", [], [], False, False)
+    assert problems == ["uid 1000 needs CAP_SYS_RESOURCE"]

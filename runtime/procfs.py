@@ -1,0 +1,193 @@
+"""What a container's processes hold that decides whether (and how) they can be dumped, read
+from /proc: TCP connections, databases open for writing, credentials.
+
+Each reader is a thin function over a pure parser of /proc's text, so the decisions are
+unit-tested from text. Nothing here changes anything: it runs before a freeze, to refuse in one
+line what CRIU would otherwise fail on (or silently break) after it.
+"""
+
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+TCP_LISTEN = 0x0A
+TCP_CLOSE = 0x07
+CAP_SYS_RESOURCE = 24
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class Connection:
+    """An established TCP connection of the container whose other end is not the container's."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+
+    def __str__(self) -> str:
+        return f"{_endpoint(self.local)} -> {_endpoint(self.remote)}"
+
+
+def _endpoint(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address(hex_addr: str) -> tuple[str, int]:
+    """'0100007F:1F90' (kernel byte order, per 32-bit word) -> ('127.0.0.1', 8080)."""
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    native = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(native)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def parse_tcp_table(text: str) -> list[TcpSocket]:
+    """/proc/net/tcp or /proc/net/tcp6."""
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10:
+            continue
+        out.append(TcpSocket(_address(f[1]), _address(f[2]), int(f[3], 16), int(f[9])))
+    return out
+
+
+def socket_inodes(fd_targets: Iterable[str]) -> set[int]:
+    """Inodes of the sockets among readlink() results of /proc/PID/fd/* ('socket:[123]')."""
+    return {int(t[8:-1]) for t in fd_targets if t.startswith("socket:[") and t.endswith("]")}
+
+
+def outside_connections(table: list[TcpSocket], ours: set[int]) -> list[Connection]:
+    """Established connections held by the container (socket inodes `ours`) whose peer socket is
+    not the container's: a process on the host or another machine. Connections between the
+    container's own processes are dumped and restored whole (both ends are in the images)."""
+    by_tuple = {(s.local, s.remote): s for s in table}
+    found = []
+    for s in table:
+        if s.inode not in ours or s.state in (TCP_LISTEN, TCP_CLOSE):
+            continue
+        peer = by_tuple.get((s.remote, s.local))
+        if peer is None or peer.inode not in ours:
+            found.append(Connection(s.local, s.remote))
+    return sorted(set(found), key=str)
+
+
+def ids_from_status(text: str) -> set[int]:
+    """Every uid and gid (real, effective, saved, filesystem) in /proc/PID/status."""
+    ids: set[int] = set()
+    for line in text.splitlines():
+        if line.startswith(("Uid:", "Gid:")):
+            ids.update(int(x) for x in line.split()[1:])
+    return ids
+
+
+def has_capability(status_text: str, cap: int) -> bool:
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def root_mount_id(mountinfo_text: str) -> int | None:
+    """The mount id of '/' in a process's /proc/PID/mountinfo (the last mount there wins)."""
+    found = None
+    for line in mountinfo_text.splitlines():
+        f = line.split()
+        if len(f) > 4 and f[4] == "/":
+            found = int(f[0])
+    return found
+
+
+def fdinfo_fields(text: str) -> tuple[int, int]:
+    """(flags, mnt_id) of /proc/PID/fdinfo/FD."""
+    flags = mnt_id = -1
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "flags":
+            flags = int(value.strip(), 8)
+        elif key == "mnt_id":
+            mnt_id = int(value.strip())
+    return flags, mnt_id
+
+
+# ------------------------------------------------------------------ readers (the thin part)
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:  # a process that exited meanwhile holds nothing
+        return ""
+
+
+def _fd_targets(pid: int) -> dict[str, str]:
+    targets = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return targets
+    for fd in names:
+        try:
+            targets[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return targets
+
+
+def connections_to_outside(pids: Iterable[int]) -> list[Connection]:
+    pids = sorted(pids)
+    if not pids:
+        return []
+    ours: set[int] = set()
+    for pid in pids:
+        ours |= socket_inodes(_fd_targets(pid).values())
+    # the container's network namespace, seen through one of its processes
+    table = parse_tcp_table(_read(f"/proc/{pids[0]}/net/tcp")) + parse_tcp_table(_read(f"/proc/{pids[0]}/net/tcp6"))
+    return outside_connections(table, ours)
+
+
+def foreign_ids(pids: Iterable[int]) -> set[int]:
+    """The uids and gids other than root that the container's processes run with."""
+    ids: set[int] = set()
+    for pid in pids:
+        ids |= ids_from_status(_read(f"/proc/{pid}/status"))
+    return ids - {0}
+
+
+def can_dump_other_users() -> bool:
+    """CRIU reads every process's rlimits with prlimit(), which needs CAP_SYS_RESOURCE for a
+    process of another user (else `Can't get rlimit 0: Operation not permitted`)."""
+    return has_capability(_read("/proc/self/status"), CAP_SYS_RESOURCE)
+
+
+def open_databases(pids: Iterable[int]) -> list[str]:
+    """SQLite databases in the container's own root filesystem that its processes have open for
+    writing (paths as the container sees them). SQLite refuses to write once the file's inode
+    number differs from the one it opened (SQLITE_READONLY_DBMOVED)."""
+    found = set()
+    for pid in pids:
+        root_id = root_mount_id(_read(f"/proc/{pid}/mountinfo"))
+        for fd, target in _fd_targets(pid).items():
+            if not target.startswith("/"):
+                continue
+            flags, mnt_id = fdinfo_fields(_read(f"/proc/{pid}/fdinfo/{fd}"))
+            if mnt_id != root_id or flags & os.O_ACCMODE == os.O_RDONLY:
+                continue
+            try:
+                with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+                    if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
+                        found.add(target.removesuffix(" (deleted)"))
+            except OSError:
+                pass
+    return sorted(found)

@@ -1,0 +1,168 @@
+"""The target side of a migration without SSH, CRIU or root: what an abort leaves, what the record
+keeps, and how a failed CRIU step on the target is reported with its kept log."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from migrate.agent import Agent
+from migrate.controller import Agent as AgentHandle
+from runtime import criulogs
+from runtime.container import Runtime
+from runtime.errors import CriuError, RemoteError
+from runtime.paths import StateRoot
+from runtime.spec import ContainerSpec
+from runtime.store import ImageRecord
+
+L0, L1, L2 = ("sha256:" + c * 64 for c in "abc")
+
+
+@pytest.fixture
+def rt(tmp_path):
+    r = Runtime(StateRoot(tmp_path / "root"))
+    yield r
+    r.close()
+
+
+class FakeShim:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.fixture
+def agent(rt, monkeypatch):
+    shims = []
+
+    def launch(*_args, **_kw):
+        shims.append(FakeShim())
+        return shims[-1]
+
+    monkeypatch.setattr(rt, "launch_shim", launch)
+    a = Agent(rt)
+    a.shims = shims
+    yield a
+    a.abort()
+
+
+def put_layer(folder: Path, digest: str) -> None:
+    """A layer as files_of() names it: the tree and its sidecar (as rsync leaves them in staging)."""
+    hex_ = digest.split(":")[1]
+    (folder / hex_).mkdir(parents=True)
+    (folder / hex_ / "file").write_text(hex_)
+    (folder / f"{hex_}.json").write_text(json.dumps({"size": 4, "diff_id": digest}))
+
+
+def prepare_with_layers(agent: Agent, digests) -> dict:
+    prep = agent.handle({"op": "prepare", "name": "c1", "volumes": []})
+    for d in digests:
+        put_layer(Path(prep["staging"]), d)
+    return prep
+
+
+def spec(layers=(L1,)) -> str:
+    return ContainerSpec("c1", "img:latest", "sha256:" + "9" * 64, tuple(layers), ("sh",)).to_json()
+
+
+def test_an_abort_removes_the_layers_it_brought_that_nothing_uses(rt, agent):
+    put_layer(rt.layers.path / "sha256", L0)  # here before, used by nothing: not ours to remove
+    prep = prepare_with_layers(agent, (L0, L1, L2))
+    assert agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L0, L1, L2]}) == {"adopted": 2}
+    assert rt.layers.digests() == [L0, L1, L2]
+    # meanwhile an image arrives here that has L2
+    rt.catalog.add_image(ImageRecord("other:latest", "sha256:" + "8" * 64, (L2,), {}, 4, 0.0))
+    agent.handle({"op": "abort"})
+    assert rt.layers.digests() == [L0, L2]
+    assert (rt.layers.path_of(L2) / "file").read_text() == L2.split(":")[1]
+    assert not Path(prep["staging"]).exists() and not Path(prep["incoming"]).exists()
+
+
+def test_an_abort_keeps_layers_a_container_here_uses(rt, agent):
+    prepare_with_layers(agent, (L1, L2))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1, L2]})
+    agent.handle({"op": "preload", "name": "c1", "spec": spec((L1,))})
+    rt.catalog.add_container(ContainerSpec.from_json(spec((L2,))).renamed("other"))
+    agent.abort()
+    assert agent.shims[0].cancelled and rt.catalog.find_container("c1") is None
+    assert rt.layers.digests() == [L2]
+
+
+def test_a_commit_keeps_the_layers(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    agent.handle({"op": "commit", "name": "c1"})
+    agent.abort()  # nothing pending any more: a no-op
+    assert rt.layers.digests() == [L1]
+
+
+def test_preload_keeps_the_first_start_time(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "started": 1700000000.25})
+    assert rt.catalog.container("c1").started == 1700000000.25
+
+
+@pytest.mark.parametrize("started", [None, "yesterday", True])
+def test_preload_without_a_start_time_leaves_it_to_the_restore(rt, agent, started):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "started": started})
+    assert rt.catalog.container("c1").started is None
+
+
+class FailedPages:
+    """A `criu lazy-pages` that ended with an error, its log in the incoming folder."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def wait(self, _timeout: float) -> int:
+        return 1
+
+    def failure(self) -> str:
+        return "Error (criu/uffd.c:1): page-read failed"
+
+    def kill(self) -> None:
+        pass
+
+
+def test_a_failed_criu_step_here_names_a_kept_log(rt, agent):
+    prep = prepare_with_layers(agent, ())
+    log = Path(prep["incoming"]) / "images" / "lazy-pages.log"
+    log.parent.mkdir()
+    log.write_text("(00.1) Error (criu/uffd.c:1): page-read failed\n")
+    agent.pending.pages = FailedPages(log)
+    with pytest.raises(CriuError) as failed:
+        agent.handle({"op": "wait_pages", "name": "c1"})
+    kept = criulogs.newest(rt.root, "c1")
+    assert kept is not None and kept.name.startswith("c1-lazy-pages-") and failed.value.log == kept
+    assert str(failed.value) == f"the lazy page transfer failed: Error (criu/uffd.c:1): page-read failed " \
+                                f"(CRIU log: {kept})"
+    agent.abort()
+    assert not log.exists() and kept.read_text() == "(00.1) Error (criu/uffd.c:1): page-read failed\n"
+
+
+class FakeProcess:
+    def __init__(self, answer):
+        self.answer = answer
+        self.sent = []
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+    def recv(self, timeout=None):
+        return self.answer
+
+
+def test_the_controller_names_the_targets_criu_log_with_the_host():
+    log = "/var/lib/migrate/criu-logs/c1-restore-20261201T101530.123456Z.log"
+    handle = AgentHandle(FakeProcess({"ok": False, "error": "CRIU restore failed: x", "criu_log": log,
+                                      "exit_code": 6}), "host-b")
+    with pytest.raises(RemoteError) as failed:
+        handle.call("restore", name="c1")
+    assert str(failed.value) == f"host-b: CRIU restore failed: x (CRIU log on host-b: {log})"
+    plain = AgentHandle(FakeProcess({"ok": False, "error": "injected fault at restore", "exit_code": 1}), "host-b")
+    with pytest.raises(RemoteError, match=r"^host-b: injected fault at restore$"):
+        plain.call("restore", name="c1")
