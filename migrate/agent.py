@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import criulogs, faults, states
+from runtime import criulogs, faults, procfs, states
 from runtime.container import LaunchedShim, Runtime
 from runtime.criu import Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
@@ -64,6 +64,14 @@ class Agent:
     def op_cpuinfo_check(self, msg: dict) -> dict:
         ok, message = cpuinfo_check(Criu(), base64.b64decode(msg["image"]))
         return {"compatible": ok, "message": message}
+
+    def op_ports_taken(self, msg: dict) -> dict:
+        """Which of the container's ports something on this host holds already."""
+        try:
+            wanted = [procfs.Port.from_json(p) for p in msg.get("ports", [])]
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"bad port list: {e}") from None
+        return {"taken": [str(p) for p in procfs.ports_taken(wanted)]}
 
     def op_prepare(self, msg: dict) -> dict:
         name = validate_name(msg["name"])

@@ -131,9 +131,11 @@ class Migration:
             self.rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote["layers"]))
         verdict = preflight.judge(local, remote, self.name, need, self.mode)
         pids = Cgroups(rec.cgroups).pids()
+        ports = procfs.ports_of(pids)
+        taken = agent.call("ports_taken", ports=[p.to_json() for p in ports])["taken"] if ports else []
         problems, notes = preflight.holdings_verdict(
             self.name, self.spec.alias, dump_blocker(rec), procfs.connections_to_outside(pids),
-            procfs.open_databases(pids), self.tcp_close, self.allow_new_inodes)
+            procfs.open_databases(pids), self.tcp_close, self.allow_new_inodes, taken)
         verdict = preflight.Verdict(verdict.mode, verdict.problems + tuple(problems))
         self.stats.notes.extend(notes)
         if not verdict.problems:

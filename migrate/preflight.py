@@ -57,12 +57,17 @@ def needs_pipe_size(local: dict) -> bool:
 
 
 def holdings_verdict(name: str, host: str, blocker: str | None, outside: list, databases: list[str],
-                     tcp_close: bool, allow_new_inodes: bool) -> tuple[list[str], list[str]]:
-    """(problems, notes) about what the container holds: what CRIU cannot dump here, connections
-    whose other end stays behind, SQLite databases whose files get new inode numbers there."""
+                     tcp_close: bool, allow_new_inodes: bool,
+                     taken: list[str] = ()) -> tuple[list[str], list[str]]:
+    """(problems, notes) about what the container holds: what CRIU cannot dump here, ports
+    something holds there, connections whose other end stays behind, SQLite databases whose
+    files get new inode numbers there."""
     problems, notes = [], []
     if blocker:
         problems.append(blocker)
+    if taken:
+        problems.append(f"ports of {name} are taken on {host}: {', '.join(taken)} (the container shares its "
+                        "host's network and keeps its ports)")
     if outside:
         listed = ", ".join(str(c) for c in outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
         if tcp_close:

@@ -83,6 +83,54 @@ def outside_connections(table: list[TcpSocket], ours: set[int]) -> list[Connecti
     return sorted(set(found), key=str)
 
 
+@dataclass(frozen=True)
+class Port:
+    """A TCP port listened on or a UDP port bound: the container takes it wherever it runs."""
+
+    proto: str  # "tcp" or "udp"
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.proto} {_endpoint((self.address, self.port))}"
+
+    def to_json(self) -> list:
+        return [self.proto, self.address, self.port]
+
+    @classmethod
+    def from_json(cls, value) -> "Port":
+        proto, address, port = value
+        if proto not in ("tcp", "udp") or not isinstance(port, int):
+            raise ValueError(f"not a port: {value!r}")
+        return cls(proto, str(ipaddress.ip_address(address)), port)
+
+
+def _bound(tables: dict[str, list[TcpSocket]]):
+    """(proto, socket) of every listening TCP and every bound, unconnected UDP socket."""
+    for s in tables.get("tcp", []):
+        if s.state == TCP_LISTEN:
+            yield "tcp", s
+    for s in tables.get("udp", []):
+        if s.local[1] and not s.remote[1]:
+            yield "udp", s
+
+
+def bound_ports(tables: dict[str, list[TcpSocket]], ours: set[int]) -> list[Port]:
+    return sorted({Port(p, *s.local) for p, s in _bound(tables) if s.inode in ours}, key=str)
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or ipaddress.ip_address(a).is_unspecified or ipaddress.ip_address(b).is_unspecified
+
+
+def port_clashes(wanted: list[Port], tables: dict[str, list[TcpSocket]]) -> list[Port]:
+    """The ports of `wanted` that something in these tables holds already (a restore there
+    would fail: `Address already in use`)."""
+    taken = [(p, s.local) for p, s in _bound(tables)]
+    return [w for w in wanted if any(p == w.proto and port == w.port and _overlap(addr, w.address)
+                                     for p, (addr, port) in taken)]
+
+
 def ids_from_status(text: str) -> set[int]:
     """Every uid and gid (real, effective, saved, filesystem) in /proc/PID/status."""
     ids: set[int] = set()
@@ -145,16 +193,35 @@ def _fd_targets(pid: int) -> dict[str, str]:
     return targets
 
 
+def _tables(proc: str) -> dict[str, list[TcpSocket]]:
+    """The TCP and UDP tables (v4 and v6) of the network namespace of /proc/PID (or self)."""
+    return {proto: parse_tcp_table(_read(f"/proc/{proc}/net/{proto}")) + parse_tcp_table(
+        _read(f"/proc/{proc}/net/{proto}6")) for proto in ("tcp", "udp")}
+
+
+def _sockets_of(pids: list[int]) -> set[int]:
+    ours: set[int] = set()
+    for pid in pids:
+        ours |= socket_inodes(_fd_targets(pid).values())
+    return ours
+
+
 def connections_to_outside(pids: Iterable[int]) -> list[Connection]:
     pids = sorted(pids)
     if not pids:
         return []
-    ours: set[int] = set()
-    for pid in pids:
-        ours |= socket_inodes(_fd_targets(pid).values())
     # the container's network namespace, seen through one of its processes
-    table = parse_tcp_table(_read(f"/proc/{pids[0]}/net/tcp")) + parse_tcp_table(_read(f"/proc/{pids[0]}/net/tcp6"))
-    return outside_connections(table, ours)
+    return outside_connections(_tables(str(pids[0]))["tcp"], _sockets_of(pids))
+
+
+def ports_of(pids: Iterable[int]) -> list[Port]:
+    pids = sorted(pids)
+    return bound_ports(_tables(str(pids[0])), _sockets_of(pids)) if pids else []
+
+
+def ports_taken(wanted: list[Port]) -> list[Port]:
+    """Which of these ports something holds in this process's network namespace (the host's)."""
+    return port_clashes(wanted, _tables("self"))
 
 
 def foreign_ids(pids: Iterable[int]) -> set[int]:

@@ -116,3 +116,27 @@ def test_move_refused_with_an_open_sqlite_database_unless_allowed(two):  # noqa:
     r = two.move("host-a", "c1", "host-b", "--allow-new-inodes")
     assert r.rc == 0 and "/data.db" in r.err, str(r)
     assert two["host-b"].container("c1")["state"] == "running"
+
+
+def test_move_refused_while_the_target_holds_the_containers_port(two):  # noqa: F811
+    a = two["host-a"]
+    port = PORT + 1
+    a.ok("run", "--name", "c1", IMAGE, "sh", "-c", f"sleep 100000 | nc -l -p {port}")
+    listening = f"grep -qi ':{port:04X} ' /proc/net/tcp*"
+    wait_until(lambda: subprocess.run([*_netns_of(two, "host-a"), "sh", "-c", listening]).returncode == 0, 10,
+               "the server to listen")
+    # something else on host-b already listens on that port
+    blocker = subprocess.Popen([*_netns_of(two, "host-b"), "busybox", "nc", "-l", "-p", str(port)],
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: subprocess.run([*_netns_of(two, "host-b"), "sh", "-c", listening]).returncode == 0, 10,
+                   "the blocker to listen")
+        before = a.snapshot_of_state()
+        r = two.move("host-a", "c1", "host-b")
+        assert r.rc == 8 and f":{port}" in r.err and "taken on host-b" in r.err, str(r)
+        assert a.snapshot_of_state() == before and two["host-b"].ps() == {}
+    finally:
+        blocker.kill()
+        blocker.wait()
+    r = two.move("host-a", "c1", "host-b")
+    assert r.rc == 0, str(r)

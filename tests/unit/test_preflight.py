@@ -76,3 +76,10 @@ def test_holdings_refuse_open_sqlite_databases_unless_allowed():
     assert problems == [] and "/data.db" in notes[0]
     problems, _ = holdings_verdict("c1", "host-b", "uid 1000 needs CAP_SYS_RESOURCE", [], [], False, False)
     assert problems == ["uid 1000 needs CAP_SYS_RESOURCE"]
+
+
+def test_holdings_refuse_ports_taken_on_the_target():
+    from migrate.preflight import holdings_verdict
+
+    problems, _ = holdings_verdict("c1", "host-b", None, [], [], False, False, taken=["tcp 127.0.0.1:6379"])
+    assert len(problems) == 1 and "tcp 127.0.0.1:6379" in problems[0] and "host-b" in problems[0]

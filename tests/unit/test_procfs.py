@@ -98,3 +98,37 @@ def test_irmap_scans_the_top_folders_but_not_the_kernels(tmp_path):
     (tmp_path / "link").symlink_to("etc")
     assert irmap_scan_paths(tmp_path) == ("/etc", "/srv")
     assert irmap_scan_paths(tmp_path / "missing") == ()
+
+
+UDP = """   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref
+ 9462: 0100007F:1B5A 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 300 2 0 0
+ 9463: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 301 2 0 0
+ 9464: 0100007F:9000 0100007F:0035 01 00000000:00000000 00:00000000 00000000     0        0 302 2 0 0
+"""
+
+
+def test_bound_ports_are_listeners_and_unconnected_udp():
+    tables = {"tcp": procfs.parse_tcp_table(TCP), "udp": procfs.parse_tcp_table(UDP)}
+    ports = procfs.bound_ports(tables, ours={100, 101, 300, 302})
+    assert [str(p) for p in ports] == ["tcp 127.0.0.1:8080", "udp 127.0.0.1:7002"]
+    assert procfs.Port.from_json(ports[0].to_json()) == ports[0]
+
+
+def test_port_clashes_on_the_same_port_and_overlapping_addresses():
+    tables = {"tcp": procfs.parse_tcp_table(TCP), "udp": procfs.parse_tcp_table(UDP)}
+    P = procfs.Port
+    wanted = [P("tcp", "127.0.0.1", 8080), P("tcp", "10.0.0.1", 8080), P("tcp", "127.0.0.2", 8080),
+              P("tcp", "0.0.0.0", 8080), P("tcp", "127.0.0.1", 8081), P("udp", "127.0.0.1", 53),
+              P("udp", "127.0.0.1", 7002), P("tcp", "127.0.0.1", 53)]
+    clashes = procfs.port_clashes(wanted, tables)
+    # 8080 is listened on 127.0.0.1 there; udp 53 on any address; tcp 53 is free
+    assert [str(p) for p in clashes] == ["tcp 127.0.0.1:8080", "tcp 0.0.0.0:8080", "udp 127.0.0.1:53",
+                                         "udp 127.0.0.1:7002"]
+
+
+def test_a_port_list_from_the_other_host_is_checked():
+    import pytest
+
+    for bad in (["sctp", "127.0.0.1", 1], ["tcp", "not-an-ip", 1], ["tcp", "127.0.0.1", "80"], "x"):
+        with pytest.raises((ValueError, TypeError)):
+            procfs.Port.from_json(bad)
