@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -151,17 +152,26 @@ def _ps(rt: Runtime, a) -> int:
     rows = []
     for r in recs:
         rows.append({"name": r.name, "state": r.state, "image": r.spec.image, "pid": r.pid,
-                     "started": r.started, "memory": rt.usage(r), "exit_code": r.exit_code})
+                     "started": r.started, "memory": rt.usage(r), "exit_code": r.exit_code,
+                     "owner": (r.owner or {}).get("pid")})
     if a.json:
         output.print_json(rows)
     else:
         output.print_table(
             ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY"),
-            [(r["name"], r["state"] if r["exit_code"] is None or r["state"] != "exited"
-              else f"exited ({r['exit_code']})", r["image"], r["pid"], output.human_age(r["started"]),
+            [(r["name"], _state_text(r), r["image"], r["pid"], output.human_age(r["started"]),
               output.human_size(r["memory"])) for r in rows],
         )
     return 0
+
+
+def _state_text(row: dict) -> str:
+    """`exited (CODE)`, `migrating (by pid N)`: the state with what a user asks next."""
+    if row["state"] == "exited" and row["exit_code"] is not None:
+        return f"exited ({row['exit_code']})"
+    if row["owner"]:
+        return f"{row['state']} (by pid {row['owner']})"
+    return row["state"]
 
 
 def _snapshots(rt: Runtime, a) -> int:
@@ -195,6 +205,9 @@ def _criu_log(rt: Runtime, a) -> int:
 def dispatch(a) -> int:
     rt = Runtime()
     try:
+        if a.verb != "agent":  # the records of this host tell the truth before anything acts on them
+            for note in rt.reconcile():
+                output.err.print(f"migrate: note: {note}", markup=False)
         if a.verb == "image":
             return _image_cmd(rt, a)
         if a.verb == "run":
@@ -264,7 +277,15 @@ def _with_default_verb(argv: list[str]) -> list[str]:
     return argv
 
 
+def _interrupted(_signum, _frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # a dropped SSH login (SIGHUP) or a `kill` (SIGTERM) unwinds like Ctrl-C: whatever was
+    # begun is rolled back on the way out (a migration resumes its source, the agent undoes)
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, _interrupted)
     try:
         args = _parser().parse_args(_with_default_verb(sys.argv[1:] if argv is None else argv))
     except MigrateError as e:  # raised by a type= converter such as parse_size

@@ -20,6 +20,7 @@ from .cgroups import Cgroups
 from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
 from .paths import StateRoot
+from .reconcile import reconcile
 from .shim import container_env
 from .spec import ContainerSpec, Limits, Volume, validate_name
 from .store import Catalog, ContainerRecord
@@ -50,6 +51,10 @@ class Runtime:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def reconcile(self) -> list[str]:
+        """Settle records that operations which died left behind (runtime/reconcile.py)."""
+        return reconcile(self.catalog, self.release)
 
     # creating and starting
     def build_spec(self, req: RunRequest) -> ContainerSpec:

@@ -75,6 +75,30 @@ def send_signal(pid: int | None, sig: int) -> None:
             pass
 
 
+def proc_identity(pid: int | None) -> tuple[int, int] | None:
+    """(pid, start time in clock ticks): tells a process from a later one that reuses its PID."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return pid, int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_gone(ident: tuple[int, int] | None) -> bool:
+    """True when that very process is gone, or only a zombie left for a slow PID 1 to reap."""
+    if ident is None:
+        return True
+    pid, start = ident
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return True
+    return fields[0] == "Z" or int(fields[19]) != start
+
+
 def pid_running(pid: int) -> bool:
     """Alive and not a zombie waiting for a slow PID 1 (a zombie holds no namespaces or mounts)."""
     try:

@@ -237,7 +237,7 @@ class Snapshots:
             if previous is None:
                 self.rt.discard(name)
             else:
-                self.catalog.set_fields(name, state=previous)
+                self.catalog.set_fields(name, state=previous, owner=None)
             raise
         return self.catalog.container(name)
 

@@ -12,9 +12,12 @@ EXITED = "exited"            # init ended by itself or by stop; exit code record
 CHECKPOINTING = "checkpointing"  # a dump is being written; the shim leaves the record alone
 CHECKPOINTED = "checkpointed"    # stopped with a complete snapshot that can be restored
 RESTORING = "restoring"      # CRIU is bringing it back
-MIGRATING = "migrating"      # frozen or being copied to another host
+MIGRATING = "migrating"      # from the end of preflight until the source is cleaned up or rolled back
+LOST = "lost"                # its processes and its shim are gone without a recorded exit (crash, kill)
 
-ALL = (CREATED, RUNNING, EXITED, CHECKPOINTING, CHECKPOINTED, RESTORING, MIGRATING)
+ALL = (CREATED, RUNNING, EXITED, CHECKPOINTING, CHECKPOINTED, RESTORING, MIGRATING, LOST)
+# states an operation holds: the record names the process doing it (its owner)
+TRANSIENT = frozenset({CHECKPOINTING, RESTORING, MIGRATING})
 
 # action -> (states it may start from, state while it runs or after it)
 _ACTIONS: dict[str, tuple[frozenset[str], str]] = {
@@ -24,12 +27,15 @@ _ACTIONS: dict[str, tuple[frozenset[str], str]] = {
     "checkpoint-done-stopped": (frozenset({CHECKPOINTING}), CHECKPOINTED),
     "checkpoint-done-running": (frozenset({CHECKPOINTING}), RUNNING),
     "checkpoint-failed": (frozenset({CHECKPOINTING}), RUNNING),
-    "restore": (frozenset({CHECKPOINTED, EXITED, CREATED}), RESTORING),
+    "restore": (frozenset({CHECKPOINTED, EXITED, CREATED, LOST}), RESTORING),
     "restore-done": (frozenset({RESTORING}), RUNNING),
     "migrate": (frozenset({RUNNING}), MIGRATING),
     "migrate-rolled-back": (frozenset({MIGRATING}), RUNNING),
     "stop": (frozenset({RUNNING}), RUNNING),
-    "remove": (frozenset({CREATED, EXITED, CHECKPOINTED}), "removed"),
+    "remove": (frozenset({CREATED, EXITED, CHECKPOINTED, LOST}), "removed"),
+    # found by reconcile (runtime/reconcile.py), from facts rather than from the operation itself
+    "lost": (frozenset({RUNNING, CHECKPOINTING, RESTORING, MIGRATING}), LOST),
+    "resumed": (frozenset({CHECKPOINTING, MIGRATING}), RUNNING),
     "exec": (frozenset({RUNNING}), RUNNING),
 }
 

@@ -5,6 +5,7 @@ State changes are conditional UPDATEs, so two writers can never both win a trans
 """
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from . import states
 from .errors import Conflict, NotFound
+from .linux import proc_identity
 from .spec import ContainerSpec
 
 _SCHEMA = """
@@ -46,6 +48,13 @@ CREATE TABLE IF NOT EXISTS snapshots (
     size INTEGER NOT NULL
 );
 """
+# What each schema version adds to the one before (PRAGMA user_version counts them). Catalogs
+# made before versions were counted are version 0: the tables above, as they were then.
+_MIGRATIONS = (
+    # the process holding a transient state: {"pid": N, "start": TICKS}, so a dead one is a fact
+    "ALTER TABLE containers ADD COLUMN owner TEXT",
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class ContainerRecord:
     started: float | None
     finished: float | None
     exit_code: int | None
+    owner: dict | None = None  # {"pid", "start"} of the process holding a transient state
 
 
 @dataclass(frozen=True)
@@ -86,10 +96,25 @@ class SnapshotRecord:
 class Catalog:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
         self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION in one transaction (several processes may race)."""
+        with self.transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise Conflict(f"the catalog {self.path} is of a newer version of this tool "
+                               f"(schema {version}, this one knows {SCHEMA_VERSION})")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            for stmt in _MIGRATIONS[version:]:
+                self._db.execute(stmt)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -162,12 +187,30 @@ class Catalog:
         return [_container(r) for r in self._db.execute("SELECT * FROM containers ORDER BY name")]
 
     def transition(self, name: str, action: str, **fields) -> ContainerRecord:
-        """Apply a state-machine action atomically; extra column values are set in the same write."""
+        """Apply a state-machine action atomically; extra column values are set in the same write.
+
+        A transient state (checkpointing, restoring, migrating) records this process as its
+        owner; any other state clears the owner."""
         with self.transaction():
             rec = self.container(name)
             new_state = states.check(action, rec.state, name)
+            if new_state in states.TRANSIENT:
+                fields.setdefault("owner", own_identity())
+            else:
+                fields["owner"] = None
             self._update(name, state=new_state, **fields)
         return self.container(name)
+
+    def settle(self, name: str, expected: ContainerRecord, action: str, **fields) -> bool:
+        """Apply `action` only if the record is still exactly `expected` (state and owner): what
+        reconcile decided from facts must not override anybody who moved meanwhile."""
+        with self.transaction():
+            rec = self.find_container(name)
+            if rec is None or (rec.state, rec.owner, rec.shim_pid) != (expected.state, expected.owner,
+                                                                       expected.shim_pid):
+                return False
+            self._update(name, state=states.check(action, rec.state, name), owner=None, **fields)
+        return True
 
     def update_if_state(self, name: str, expected: str, **fields) -> bool:
         """Set fields only while the container is still in `expected` (used by the shim)."""
@@ -221,7 +264,14 @@ class Catalog:
         self._db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
 
 
-_CONTAINER_COLUMNS = frozenset({"state", "spec", "pid", "shim_pid", "cgroups", "started", "finished", "exit_code"})
+_CONTAINER_COLUMNS = frozenset({"state", "spec", "pid", "shim_pid", "cgroups", "started", "finished", "exit_code",
+                                "owner"})
+_JSON_COLUMNS = frozenset({"cgroups", "owner"})
+
+
+def own_identity() -> dict:
+    pid, start = proc_identity(os.getpid())
+    return {"pid": pid, "start": start}
 
 
 def _assignments(fields: dict) -> tuple[str, list]:
@@ -229,7 +279,8 @@ def _assignments(fields: dict) -> tuple[str, list]:
     unknown = set(fields) - _CONTAINER_COLUMNS
     if unknown:
         raise ValueError(f"not container columns: {sorted(unknown)}")
-    return ", ".join(f"{k}=?" for k in fields), [json.dumps(v) if k == "cgroups" else v for k, v in fields.items()]
+    values = [json.dumps(v) if k in _JSON_COLUMNS and v is not None else v for k, v in fields.items()]
+    return ", ".join(f"{k}=?" for k in fields), values
 
 
 def _image(row) -> ImageRecord:
@@ -242,6 +293,7 @@ def _container(row) -> ContainerRecord:
         name=row["name"], state=row["state"], spec=ContainerSpec.from_json(row["spec"]), pid=row["pid"],
         shim_pid=row["shim_pid"], cgroups=json.loads(row["cgroups"]), created=row["created"],
         started=row["started"], finished=row["finished"], exit_code=row["exit_code"],
+        owner=json.loads(row["owner"]) if row["owner"] else None,
     )
 
 

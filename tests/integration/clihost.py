@@ -17,6 +17,7 @@ from pathlib import Path
 
 from runtime import linux
 from runtime.cgroups import Cgroups
+from runtime.linux import proc_gone, proc_identity  # noqa: F401 - the tests import them from here
 from runtime.paths import StateRoot
 
 CLI_TIMEOUT = 120.0  # no single CLI call in these tests may take longer
@@ -43,28 +44,6 @@ def wait_until(fn: Callable[[], object], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def proc_identity(pid: int) -> tuple[int, int] | None:
-    """(pid, start time in ticks): tells a process from a later one that reuses its PID."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return pid, int(f.read().rsplit(")", 1)[1].split()[19])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def proc_gone(ident: tuple[int, int] | None) -> bool:
-    """True when the process is gone, or only a zombie left for a slow PID 1 to reap."""
-    if ident is None:
-        return True
-    pid, start = ident
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return int(fields[19]) != start or fields[0] == "Z"
 
 
 def kill_leftover(pid: int, leaks: list[str]) -> None:

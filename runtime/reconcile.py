@@ -1,0 +1,110 @@
+"""Records that tell the truth: before a command acts, each container's record is checked
+against the facts, and what an operation that died left behind is settled.
+
+An operation holds a transient state (checkpointing, restoring, migrating) with its own process
+recorded as the owner. If that process dies (SIGKILL, the OOM killer, a crash), nobody would
+ever leave the state, and every command would refuse the container. And a host that crashed or
+rebooted, or a shim that was killed, leaves `running` records whose processes are gone. So:
+
+| record | facts | becomes |
+|---|---|---|
+| running | shim and every process gone | lost (mounts and cgroups freed) |
+| checkpointing, migrating; owner dead | processes alive, none traced by a live CRIU | running (CRIU resumed them) |
+| checkpointing, migrating; owner dead | processes gone | lost |
+| restoring; owner dead | shim gone | lost (a half-restored tree is killed) |
+
+`lost` is never `running`: it can be restored from a snapshot or removed. Every change is
+conditional on the record being unchanged since the facts were read, so a live operation
+that moves on meanwhile always wins. The decision is a pure function of the facts.
+"""
+
+import signal
+from dataclasses import dataclass
+
+from . import linux, states
+from .cgroups import Cgroups
+from .store import Catalog, ContainerRecord
+
+
+@dataclass(frozen=True)
+class Facts:
+    owner_alive: bool
+    shim_alive: bool
+    tree_alive: bool  # some process of the container runs (a zombie does not count)
+    traced: bool  # one of them is held by a live tracer: CRIU is still at work
+
+
+def decide(state: str, facts: Facts) -> tuple[str, str] | None:
+    """(action, why) to settle a record in `state`, or None when it tells the truth."""
+    if state == states.RUNNING:
+        if not facts.shim_alive and not facts.tree_alive:
+            return "lost", "its processes and its shim are gone"
+        return None
+    if state not in states.TRANSIENT or facts.owner_alive:
+        return None
+    what = {states.CHECKPOINTING: "checkpoint", states.MIGRATING: "migration",
+            states.RESTORING: "restore"}[state]
+    if state == states.RESTORING:
+        if facts.shim_alive:
+            return None  # the shim still restores or already supervises: it settles the record
+        return "lost", f"its {what} was interrupted and nothing supervises it"
+    if facts.traced:
+        return None  # a CRIU outlived the operation and still holds the tree: wait for it
+    if facts.tree_alive:
+        return "resumed", f"its {what} was interrupted; its processes run on"
+    return "lost", f"its {what} was interrupted and its processes are gone"
+
+
+def facts_of(rec: ContainerRecord) -> Facts:
+    owner = rec.owner or {}
+    owner_alive = bool(owner) and not linux.proc_gone((owner.get("pid"), owner.get("start")))
+    tree = [p for p in Cgroups(rec.cgroups).pids() if linux.pid_running(p)]
+    return Facts(
+        owner_alive=owner_alive,
+        shim_alive=bool(rec.shim_pid) and linux.pid_running(rec.shim_pid),
+        tree_alive=bool(tree),
+        traced=any(_tracer(p) for p in tree),
+    )
+
+
+def _tracer(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    tracer = int(line.split()[1])
+                    return tracer != 0 and linux.pid_running(tracer)
+    except OSError:
+        pass
+    return False
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def reconcile(catalog: Catalog, release) -> list[str]:
+    """Settle every record that does not tell the truth; returns one note per change.
+    `release(name)` frees a lost container's mounts and cgroups (and kills what is left)."""
+    notes = []
+    for rec in catalog.containers():
+        verdict = decide(rec.state, facts_of(rec))
+        if verdict is None:
+            continue
+        action, why = verdict
+        if action == "resumed":
+            for pid in Cgroups(rec.cgroups).pids():  # a tree a dead CRIU left stopped goes on
+                if _stopped(pid):
+                    linux.send_signal(pid, signal.SIGCONT)
+            settled = catalog.settle(rec.name, rec, action)
+        else:
+            settled = catalog.settle(rec.name, rec, action, pid=None, shim_pid=None)
+            if settled:
+                release(rec.name)
+        if settled:
+            notes.append(f"{rec.name} was {rec.state}, but {why}: now {states.check(action, rec.state)}")
+    return notes

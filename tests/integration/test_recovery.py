@@ -1,0 +1,80 @@
+"""When the process doing an operation dies, or a container's processes vanish, the records
+still tell the truth: the next command settles them from the facts (runtime/reconcile.py).
+Each case is made for real: SIGKILL of the shim, of `migrate checkpoint`, of `migrate NAME HOST`."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from clihost import COUNTER, IMAGE, _cli, assert_consecutive, counter_numbers, proc_gone, proc_identity, wait_until
+from test_migration import cluster, start_counter, two  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+def test_a_container_whose_shim_and_processes_were_killed_is_lost_not_running(bb):
+    bb.ok("run", "--name", "c1", IMAGE, "sh", "-c", COUNTER)
+    bb.wait_count("c1", 3)
+    rec = bb.record("c1")
+    shim, init = proc_identity(rec["shim_pid"]), proc_identity(rec["pid"])
+    os.kill(rec["shim_pid"], signal.SIGKILL)  # the shim first: nobody records the exit
+    wait_until(lambda: proc_gone(shim), 10, "the shim to die")
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_until(lambda: proc_gone(init), 10, "init to die")
+    r = bb.ok("ps")
+    assert "lost" in r.out and "c1 was running, but its processes and its shim are gone" in r.err, str(r)
+    ct = bb.container("c1")
+    assert (ct["state"], ct["pid"]) == ("lost", None)
+    bb.fails(4, "stop", "c1")
+    bb.ok("rm", "c1")  # a lost container can be removed (or restored from a snapshot)
+    assert "c1" not in bb.ps()
+
+
+def test_a_killed_checkpoint_leaves_the_container_running_not_checkpointing(host, memhog_image):
+    host.ok("image", "import", memhog_image)
+    host.ok("run", "--name", "m1", "memhog:latest")
+    host.wait_log("m1", lambda t: "sum " in t, 60, "memhog to fill its memory")
+    pid = host.container("m1")["pid"]
+    proc = subprocess.Popen([*_cli(), "checkpoint", "m1"], env=host.env, cwd=host.work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: host.record("m1")["state"] == "checkpointing", 30, "the checkpoint to begin", 0.01)
+        time.sleep(0.2)  # inside CRIU's dump of 512 MiB
+    finally:
+        proc.kill()
+        proc.wait()
+    # CRIU notices its caller is gone, fails the dump and lets the tree go; until then the
+    # record stays checkpointing (CRIU still holds the tree), never a wrong "running"
+    wait_until(lambda: host.container("m1")["state"] == "running", 60, "the record to settle on running")
+    assert host.container("m1")["pid"] == pid and not proc_gone(proc_identity(pid))
+    os.kill(pid, signal.SIGUSR1)  # it still answers with the checksum of its memory
+    host.wait_log("m1", lambda t: t.count("sum ") >= 2, 30, "memhog to answer")
+    host.ok("stop", "m1")
+    host.ok("rm", "m1")
+
+
+def test_a_killed_migration_leaves_one_running_copy_and_no_stuck_record(two):  # noqa: F811
+    a, b = two["host-a"], two["host-b"]
+    before = start_counter(two)
+    # a large upper dir keeps the migration in its running phase (layers, upper sync) for a while
+    a.ok("exec", "c1", "sh", "-c", "dd if=/dev/urandom of=/big bs=1M count=300 2>/dev/null")
+    proc = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", "copy"], env=a.env, cwd=a.work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: a.record("c1")["state"] == "migrating", 30, "the migration to begin", 0.01)
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: a.container("c1")["state"] == "running", 30, "the source record to settle on running")
+    nums = a.wait_count("c1", len(counter_numbers(a.logs("c1"))) + 5)
+    assert_consecutive(nums)
+    assert nums[:len(before)] == before
+    # the agent on host-b saw its connection end and undid its side: no second copy there
+    wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")
+    # and the container is fully usable again: it moves
+    r = two.move("host-a", "c1", "host-b")
+    assert r.rc == 0, str(r)
+    assert b.container("c1")["state"] == "running" and "c1" not in a.ps()

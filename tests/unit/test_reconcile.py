@@ -1,0 +1,104 @@
+"""Settling records from facts: the decision table of runtime/reconcile.py, and the catalog's
+schema versions and conditional settle."""
+
+import json
+import os
+import sqlite3
+
+import pytest
+
+from runtime import states
+from runtime.reconcile import Facts, decide
+from runtime.spec import ContainerSpec
+from runtime.store import SCHEMA_VERSION, Catalog
+
+
+def facts(owner=False, shim=False, tree=False, traced=False) -> Facts:
+    return Facts(owner_alive=owner, shim_alive=shim, tree_alive=tree, traced=traced)
+
+
+def test_a_running_record_without_shim_or_processes_is_lost():
+    assert decide(states.RUNNING, facts())[0] == "lost"
+    assert decide(states.RUNNING, facts(shim=True, tree=True)) is None
+    assert decide(states.RUNNING, facts(tree=True)) is None  # processes run: never called lost
+
+
+@pytest.mark.parametrize("state", [states.CHECKPOINTING, states.MIGRATING, states.RESTORING])
+def test_a_live_owner_is_never_overruled(state):
+    for f in (facts(owner=True), facts(owner=True, tree=True), facts(owner=True, shim=True, tree=True)):
+        assert decide(state, f) is None
+
+
+@pytest.mark.parametrize("state", [states.CHECKPOINTING, states.MIGRATING])
+def test_an_interrupted_dump_resumes_or_is_lost(state):
+    assert decide(state, facts(shim=True, tree=True))[0] == "resumed"
+    assert decide(state, facts())[0] == "lost"
+    assert decide(state, facts(shim=True, tree=True, traced=True)) is None  # CRIU still holds it
+
+
+def test_an_interrupted_restore_waits_for_its_shim():
+    assert decide(states.RESTORING, facts(shim=True, tree=True)) is None
+    assert decide(states.RESTORING, facts())[0] == "lost"
+    assert decide(states.RESTORING, facts(tree=True))[0] == "lost"
+
+
+@pytest.mark.parametrize("state", [states.CREATED, states.EXITED, states.CHECKPOINTED, states.LOST])
+def test_settled_states_stay(state):
+    assert decide(state, facts()) is None
+
+
+def test_lost_can_be_restored_or_removed_and_nothing_else():
+    assert states.check("restore", states.LOST) == states.RESTORING
+    assert states.check("remove", states.LOST) == "removed"
+    for action in ("start", "stop", "checkpoint", "migrate", "exec"):
+        with pytest.raises(Exception, match="it is lost"):
+            states.check(action, states.LOST, "c1")
+
+
+def spec(name="c1") -> ContainerSpec:
+    return ContainerSpec(name=name, image="busybox:latest", image_id="sha256:" + "0" * 64, layers=(),
+                         argv=("sh",), env=(), working_dir="/", volumes=())
+
+
+def test_a_catalog_of_schema_0_is_migrated_in_place(tmp_path):
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db)
+    old.executescript("""
+        CREATE TABLE containers (name TEXT PRIMARY KEY, state TEXT NOT NULL, spec TEXT NOT NULL,
+            pid INTEGER, shim_pid INTEGER, cgroups TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL,
+            started REAL, finished REAL, exit_code INTEGER);
+    """)
+    old.execute("INSERT INTO containers (name, state, spec, created) VALUES (?,?,?,?)",
+                ("c1", "exited", spec().to_json(), 1.0))
+    old.commit()
+    old.close()
+    cat = Catalog(db)
+    rec = cat.container("c1")
+    assert (rec.state, rec.owner) == ("exited", None)
+    assert cat._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    cat.close()
+    Catalog(db).close()  # a second open changes nothing
+
+
+def test_a_catalog_of_a_newer_tool_is_refused(tmp_path):
+    db = tmp_path / "state.db"
+    c = sqlite3.connect(db)
+    c.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    c.close()
+    with pytest.raises(Exception, match="newer version"):
+        Catalog(db)
+
+
+def test_transient_states_name_their_owner_and_settle_is_conditional(tmp_path):
+    cat = Catalog(tmp_path / "state.db")
+    cat.add_container(spec(), states.RUNNING)
+    rec = cat.transition("c1", "migrate")
+    assert rec.owner["pid"] == os.getpid() and rec.owner["start"] > 0
+    # somebody moved on meanwhile: reconcile's decision no longer applies
+    cat.set_fields("c1", owner={"pid": 1, "start": 1})
+    assert not cat.settle("c1", rec, "resumed")
+    assert cat.container("c1").state == states.MIGRATING
+    rec = cat.container("c1")
+    assert cat.settle("c1", rec, "resumed")
+    assert (cat.container("c1").state, cat.container("c1").owner) == (states.RUNNING, None)
+    assert json.loads(cat._db.execute("SELECT owner FROM containers").fetchone()[0] or "null") is None
