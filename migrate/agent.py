@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import criulogs, faults, procfs, states
+from runtime import criulogs, faults, linux, procfs, states
 from runtime.container import LaunchedShim, Runtime
 from runtime.criu import Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
@@ -104,8 +104,9 @@ class Agent:
         started = msg.get("started")
         if isinstance(started, (int, float)) and not isinstance(started, bool):
             self.rt.catalog.set_fields(p.name, started=float(started))  # STARTED moves with it
+        # fenced: until the commit, the restored copy lives only as long as this agent does
         p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")),
-                                     tcp_close=bool(msg.get("tcp_close")))
+                                     tcp_close=bool(msg.get("tcp_close")), fenced=True)
         return {}
 
     def op_restore(self, msg: dict) -> dict:
@@ -134,7 +135,17 @@ class Agent:
         return {}
 
     def op_commit(self, msg: dict) -> dict:
+        """The copy here becomes the container, if it still runs: a tree that died after its
+        restore (a CPU feature, the OOM killer) must not be committed, or the source would end
+        its only living copy."""
         p = self._pending(msg)
+        faults.point("commit")
+        rec = self.rt.catalog.container(p.name)
+        if rec.state != states.RUNNING or not linux.pid_running(rec.pid):
+            code = f" (exit code {rec.exit_code})" if rec.exit_code is not None else ""
+            raise Conflict(f"{p.name} was restored here but no longer runs: {rec.state}{code}")
+        if p.shim is not None:
+            p.shim.commit()  # from here on the copy here runs on whatever happens to this agent
         shutil.rmtree(p.staging, ignore_errors=True)
         self.pending = None
         return {}
@@ -149,9 +160,9 @@ class Agent:
         if p is None:
             return
         if p.shim is not None:
-            p.shim.cancel()
-        if self.rt.catalog.find_container(p.name) is not None:
-            rec = self.rt.catalog.container(p.name)
+            p.shim.cancel()  # a restored copy is fenced: its shim kills it and drops its record
+        rec = self.rt.catalog.find_container(p.name)
+        if rec is not None:
             if rec.state == states.RUNNING:
                 self.rt.stop(p.name, timeout=0)
             self.rt.discard(p.name)

@@ -21,7 +21,7 @@ from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, e
 from .layers import LayerStore
 from .paths import StateRoot
 from .reconcile import reconcile
-from .shim import container_env
+from .shim import COMMIT, container_env
 from .spec import ContainerSpec, Limits, Volume, validate_name
 from .store import Catalog, ContainerRecord
 
@@ -118,9 +118,11 @@ class Runtime:
         return self.launch_shim(name, mode, snapshot, lazy, tcp_close).go()
 
     def launch_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False,
-                    tcp_close: bool = False) -> "LaunchedShim":
+                    tcp_close: bool = False, fenced: bool = False) -> "LaunchedShim":
         """Start the shim's interpreter now; it builds or restores the container on `go()`.
-        tcp_close: a restore brings connections to the outside back closed."""
+        tcp_close: a restore brings connections to the outside back closed. fenced: the
+        container runs on only once `commit()` is called; if this process (or the LaunchedShim)
+        goes before, the shim kills it: a migration's target copy never outlives its agent."""
         cdir = self.root.container_dir(name)
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
@@ -131,6 +133,8 @@ class Runtime:
             argv.append("--lazy")
         if tcp_close:
             argv.append("--tcp-close")
+        if fenced:
+            argv.append("--fenced")
         try:
             with open(cdir / "shim.log", "ab") as shim_log:
                 proc = subprocess.Popen(
@@ -145,7 +149,7 @@ class Runtime:
         finally:
             os.close(status_w)
             os.close(go_r)
-        return LaunchedShim(name, proc, status_r, go_w, cdir / "shim.log")
+        return LaunchedShim(name, proc, status_r, go_w, cdir / "shim.log", fenced)
 
     # stopping and removing
     def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:
@@ -253,6 +257,7 @@ class LaunchedShim:
     status_r: int
     go_w: int
     log: Path
+    fenced: bool = False
     started: bool = False
 
     def go(self) -> int:
@@ -263,7 +268,8 @@ class LaunchedShim:
         except BrokenPipeError:
             pass  # it died already: reported below
         finally:
-            os.close(self.go_w)
+            if not self.fenced:
+                self._close_go()
         line = _read_line(self.status_r, SHIM_TIMEOUT)
         if not line:
             self.proc.kill()
@@ -277,14 +283,34 @@ class LaunchedShim:
             raise error_for(verdict.get("exit_code", 1), verdict["error"])
         return int(verdict["pid"])
 
+    def commit(self) -> None:
+        """A fenced shim's container is this host's now: it runs on whatever happens to us."""
+        try:
+            os.write(self.go_w, COMMIT)
+        except OSError as e:
+            raise MigrateError(f"the shim of {self.name} is gone ({e.strerror})") from None
+        finally:
+            self._close_go()
+
     def cancel(self) -> None:
-        """It was not needed: EOF on its go pipe makes it exit at once. No-op once it has gone."""
-        if self.started:
-            return
-        self.started = True
-        os.close(self.go_w)
-        os.close(self.status_r)
-        self.proc.wait(timeout=30)
+        """It was not needed: EOF on its go pipe makes it exit at once, and a fenced one that
+        was started kills its container first. Returns once it has gone."""
+        self._close_go()
+        if not self.started:
+            self.started = True
+            os.close(self.status_r)
+        elif not self.fenced:
+            return  # it supervises a container of this host: nothing to wait for
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _close_go(self) -> None:
+        if self.go_w >= 0:
+            os.close(self.go_w)
+            self.go_w = -1
 
 
 def _read_line(fd: int, timeout: float) -> str:

@@ -261,26 +261,35 @@ def _mtime(path: Path) -> int | None:
         return None
 
 
-def release_network_lock(dump_log: Path) -> None:
-    """Drop the nftables table a final dump leaves behind (`inet CRIU-<run id>`, cut to the
-    kernel's name length). CRIU keeps it so that a restore of that very dump could resume
-    connections to the outside, but the tree is gone, and kept tables would pile up with every
-    checkpoint and move: peers outside now get a reset at once instead of silence. A restore
-    does not need it (it unlocks only what is there)."""
+def network_lock_tables(dump_log_head: str, root_pid: int) -> tuple[str, ...]:
+    """The names a dump's nftables lock table may have: CRIU 4.x names it after the dump's run
+    id (`inet CRIU-<run id>`, cut to nftables' name length), 3.x after the dumped tree's PID."""
+    # `criu swrk` logs its own run id first, then the dump's: the table is named after the last
+    ids = re.findall(r"\) CRIU run id = ([0-9a-f-]+)", dump_log_head)
+    return (("CRIU-" + ids[-1])[:_NFT_TABLE_NAME],) if ids else (f"CRIU-{root_pid}",)
+
+
+_NFT_TABLE_NAME = 26  # CRIU prints "inet CRIU-..." into a 32-byte buffer
+
+
+def release_network_lock(dump_log: Path, root_pid: int) -> None:
+    """Drop the nftables table a final dump leaves behind. CRIU keeps it so that a restore of
+    that very dump could resume connections to the outside, but the tree is gone, and kept
+    tables would pile up with every checkpoint and move and drop the packets of the next
+    connection with the same addresses (a restored copy's own): peers outside now get a reset
+    at once instead of silence. A restore does not need it (it unlocks only what is there)."""
     try:
         with open(dump_log, errors="replace") as f:
             head = f.read(1 << 16)
     except OSError:
+        head = ""
+    if not shutil.which("nft"):
         return
-    # `criu swrk` logs its own run id first, then the dump's: the table is named after the last
-    ids = re.findall(r"\) CRIU run id = ([0-9a-f-]+)", head)
-    if not ids or not shutil.which("nft"):
-        return
-    wanted = "CRIU-" + ids[-1]
+    wanted = network_lock_tables(head, root_pid)
     listed = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True, timeout=30)
     for line in listed.stdout.splitlines():
         name = line.split()[-1] if line.startswith("table inet ") else ""
-        if len(name) > len("CRIU-") and wanted.startswith(name):
+        if name in wanted:
             subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True, timeout=30)
 
 
@@ -292,7 +301,7 @@ class Criu:
         """Checkpoint the tree at opts.pid; on_notify(script, pid) runs while CRIU waits (tree frozen)."""
         self._run("dump", dump_request, opts, images_dir, on_notify, on_spawn)
         if not opts.leave_running:
-            release_network_lock(images_dir / opts.log_file)
+            release_network_lock(images_dir / opts.log_file, opts.pid)
 
     def restore(self, opts: RestoreOptions, images_dir: Path, on_notify=None, on_spawn=None) -> int:
         """Restore; returns the host PID of the restored init, which is our child."""

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from .spec import ContainerSpec
 from .store import Catalog
 
 CHECKPOINT_META = "checkpoint.json"
+COMMIT = b"c"  # on a fenced shim's go pipe: the migration committed, the copy here is the one
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -132,17 +134,30 @@ class Shim:
             os.close(err_w)
 
     # supervising it
-    def supervise(self, init_pid: int) -> int:
-        """Copy output to the log until init exits; returns init's exit code."""
+    def supervise(self, init_pid: int, fence_fd: int | None = None) -> tuple[int, bool]:
+        """Copy output to the log until init exits; returns init's exit code and whether the
+        container was fenced: with fence_fd (the go pipe of a migration's restore), EOF there
+        before the commit byte means whoever restored it is gone before the source let go, so
+        this copy must not run on (the source resumes): the tree is killed at once."""
         log = os.open(self.dir / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         sel = selectors.DefaultSelector()
         for fd in self.readers:
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ)
+        if fence_fd is not None:
+            sel.register(fence_fd, selectors.EVENT_READ)
         exit_code = None
         drain_until = None
-        while sel.get_map():
+        fenced = False
+        while any(k.fd != fence_fd for k in sel.get_map().values()):
             for key, _ in sel.select(timeout=0.1):
+                if key.fd == fence_fd:
+                    sel.unregister(fence_fd)
+                    if os.read(fence_fd, 1) != COMMIT:
+                        fenced = True
+                        for pid in self.cgroups.pids():
+                            linux.send_signal(pid, signal.SIGKILL)
+                    continue
                 data = os.read(key.fd, 65536)
                 if data:
                     os.write(log, data)
@@ -160,7 +175,7 @@ class Shim:
             time.sleep(0.05)
         _reap_all()
         os.close(log)
-        return exit_code
+        return exit_code, fenced
 
     def teardown(self) -> None:
         rootfs.unmount_all(self.rootfs)
@@ -207,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshot", type=Path)
     ap.add_argument("--lazy", action="store_true", help="memory pages come from `criu lazy-pages`")
     ap.add_argument("--tcp-close", action="store_true", help="restore connections to the outside closed")
+    ap.add_argument("--fenced", action="store_true",
+                    help="a migration's restore: kill the container if the go pipe ends before a commit byte")
     args = ap.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         # a handler, not SIG_IGN: ignored signals would be inherited by criu and the container
@@ -214,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     linux.set_child_subreaper()
     with contextlib.suppress(MigrateError):  # without pycriu, a restore reports it after the go
         _rpc()  # import pycriu before the go: it is part of the start-up we keep out of the downtime
-    if not sys.stdin.buffer.read(1):
+    if not os.read(sys.stdin.fileno(), 1):  # unbuffered: a fenced shim reads its commit byte later
         return 0
     root = StateRoot.from_env()
     catalog = Catalog(root.db)
@@ -246,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     status.write(json.dumps({"ok": True, "pid": pid}) + "\n")
     status.close()
-    code = shim.supervise(pid)
+    code, fenced = shim.supervise(pid, fence_fd=sys.stdin.fileno() if args.fenced else None)
     _safe(shim.teardown)
+    if fenced:  # it never became this host's container: no record, no folder remains of it
+        if catalog.remove_if_state(args.name, states.RUNNING):
+            shutil.rmtree(shim.dir, ignore_errors=True)
+        return 0
     catalog.update_if_state(args.name, states.RUNNING, state=states.EXITED, exit_code=code,
                             finished=time.time(), pid=None, shim_pid=None)
     return 0

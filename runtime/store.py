@@ -228,6 +228,9 @@ class Catalog:
     def remove_container(self, name: str) -> None:
         self._db.execute("DELETE FROM containers WHERE name=?", (name,))
 
+    def remove_if_state(self, name: str, expected: str) -> bool:
+        return self._db.execute("DELETE FROM containers WHERE name=? AND state=?", (name, expected)).rowcount == 1
+
     # snapshots
     def require_free_tag(self, container: str, tag: str | None) -> None:
         if tag and self._db.execute(

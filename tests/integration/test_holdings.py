@@ -56,6 +56,13 @@ def test_other_users_processes_checkpoint_only_with_cap_sys_resource(bb):
     assert bb.json("snapshots", "c1") == []
 
 
+def criu_tables(c, host: str) -> set[str]:
+    """CRIU's network lock tables in a host's network namespace."""
+    out = subprocess.run([*_netns_of(c, host), "nft", "list", "tables", "inet"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.startswith("table inet CRIU-")}
+
+
 def _netns_of(c, host: str) -> list[str]:
     return ["nsenter", f"--target={c.hosts[host].sshd_pid}", "--net", "--"]
 
@@ -75,6 +82,7 @@ def test_move_refused_with_a_connection_to_outside_then_done_with_tcp_close(two,
         wait_until(lambda: "hello" in a.logs("c1"), 10, "the server to read from its client")
         pid = a.container("c1")["pid"]
         before = a.snapshot_of_state()
+        tables = {h: criu_tables(two, h) for h in ("host-a", "host-b")}
         r = two.move("host-a", "c1", "host-b", mode=mode)
         assert r.rc == 8, str(r)
         assert len(r.err.strip().splitlines()) == 1 and f"127.0.0.1:{PORT} -> 127.0.0.1:" in r.err, str(r)
@@ -98,6 +106,8 @@ def test_move_refused_with_a_connection_to_outside_then_done_with_tcp_close(two,
                 break
             time.sleep(0.2)
         client.wait(timeout=10)
+        # CRIU's lock of those connections is gone too: it would drop a later connection's packets
+        assert {h: criu_tables(two, h) for h in ("host-a", "host-b")} == tables
     finally:
         if client.poll() is None:
             client.kill()

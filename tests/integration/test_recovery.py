@@ -9,7 +9,9 @@ import time
 
 import pytest
 from clihost import COUNTER, IMAGE, _cli, assert_consecutive, counter_numbers, proc_gone, proc_identity, wait_until
-from test_migration import cluster, start_counter, two  # noqa: F401 - fixtures
+from test_migration import cluster, set_host_env, start_counter, two  # noqa: F401 - fixtures
+
+from runtime import linux
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -78,3 +80,23 @@ def test_a_killed_migration_leaves_one_running_copy_and_no_stuck_record(two):  #
     r = two.move("host-a", "c1", "host-b")
     assert r.rc == 0, str(r)
     assert b.container("c1")["state"] == "running" and "c1" not in a.ps()
+
+
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, mode):  # noqa: F811
+    """The fence: the restored copy's shim holds the agent's go pipe and kills the copy when it
+    ends before the commit byte, so the source (which CRIU resumes) is the only one that runs."""
+    a, b = two["host-a"], two["host-b"]
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "commit:kill"})  # SIGKILL at the commit
+    before = start_counter(two)
+    pid = a.container("c1")["pid"]
+    r = a.fails(8, "c1", "host-b", "--mode", mode)
+    assert "host-b" in r.err and "keeps running here" in r.err, str(r)
+    ct = a.container("c1")
+    assert (ct["state"], ct["pid"]) == ("running", pid)
+    nums = a.wait_count("c1", len(counter_numbers(a.logs("c1"))) + 5)
+    assert_consecutive(nums) and nums[:len(before)] == before
+    # on host-b: no record, no process, no mount of it; its fenced shim took it all down
+    wait_until(lambda: b.ps() == {} and not b.state.container_dir("c1").exists(), 30, "the copy on host-b to go")
+    wait_until(lambda: not b._procs_of_root(), 30, "every process of host-b's root to end")
+    assert linux.mounts_under(str(b.root)) == []

@@ -2,6 +2,7 @@
 keeps, and how a failed CRIU step on the target is reported with its kept log."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from migrate.agent import Agent
 from migrate.controller import Agent as AgentHandle
 from runtime import criulogs
 from runtime.container import Runtime
-from runtime.errors import CriuError, RemoteError
+from runtime.errors import Conflict, CriuError, RemoteError
 from runtime.paths import StateRoot
 from runtime.spec import ContainerSpec
 from runtime.store import ImageRecord
@@ -27,9 +28,13 @@ def rt(tmp_path):
 
 class FakeShim:
     cancelled = False
+    committed = False
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def commit(self) -> None:
+        self.committed = True
 
 
 @pytest.fixture
@@ -89,12 +94,32 @@ def test_an_abort_keeps_layers_a_container_here_uses(rt, agent):
     assert rt.layers.digests() == [L2]
 
 
-def test_a_commit_keeps_the_layers(rt, agent):
+def restored_running(rt, agent, pid: int) -> None:
+    """What a restore leaves: the record running with its init's PID (here: a stand-in)."""
+    agent.handle({"op": "preload", "name": "c1", "spec": spec()})
+    rt.catalog.set_fields("c1", state="running", pid=pid)
+
+
+def test_a_commit_keeps_the_layers_and_tells_the_fenced_shim(rt, agent):
     prepare_with_layers(agent, (L1,))
     agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    restored_running(rt, agent, os.getpid())
     agent.handle({"op": "commit", "name": "c1"})
+    assert agent.shims[0].committed
     agent.abort()  # nothing pending any more: a no-op
-    assert rt.layers.digests() == [L1]
+    assert rt.layers.digests() == [L1] and not agent.shims[0].cancelled
+
+
+def test_a_copy_that_died_after_its_restore_is_not_committed(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    restored_running(rt, agent, 2 ** 22 + 1)  # no such process
+    with pytest.raises(Conflict, match="restored here but no longer runs"):
+        agent.handle({"op": "commit", "name": "c1"})
+    assert not agent.shims[0].committed
+    rt.catalog.set_fields("c1", state="exited", exit_code=132, pid=None)
+    with pytest.raises(Conflict, match=r"exited \(exit code 132\)"):
+        agent.handle({"op": "commit", "name": "c1"})
 
 
 def test_preload_keeps_the_first_start_time(rt, agent):

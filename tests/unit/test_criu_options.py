@@ -86,3 +86,12 @@ def test_dumps_and_restores_carry_connections_and_find_watched_files():
     r = restore_request(RestoreOptions(root="/r"), images_fd=4).opts
     assert r.tcp_established and not r.tcp_close
     assert restore_request(RestoreOptions(root="/r", tcp_close=True), images_fd=4).opts.tcp_close
+
+
+def test_the_network_lock_table_is_named_as_each_criu_names_it():
+    from runtime.criu import network_lock_tables
+
+    log4 = ("(00.000000) CRIU run id = 235c1d17-9b0e-4288-b9a8-65e4357aa3df\n(00.000010) swrk\n"
+            "(00.000000) CRIU run id = b747e91b-d615-42b2-ab06-9b2c459df889\n")
+    assert network_lock_tables(log4, 42) == ("CRIU-b747e91b-d615-42b2-ab",)  # 4.x: the dump's run id
+    assert network_lock_tables("(00.000001) Lock network\n", 1125) == ("CRIU-1125",)  # 3.x: the tree's PID
