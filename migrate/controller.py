@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime import criulogs, linux, procfs, states
+from runtime import criulogs, faults, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import Runtime
 from runtime.criu import Criu, abort_lazy_dump
@@ -254,6 +254,7 @@ class Migration:
             ready.wait()
             if "error" in outcome:
                 raise outcome["error"]  # CRIU has resumed the source
+            faults.point("page-server-ready")  # CRIU serves pages, nobody has connected yet
             try:
                 self.step = "restore"
                 with self.stats.phase("restore"):

@@ -239,7 +239,7 @@ class ReverseTunnel:
 
     def _serve(self, chan: paramiko.Channel, origin: tuple) -> None:
         try:
-            sock = socket.create_connection((self.local_host, self.local_port), timeout=self._connect_timeout)
+            sock = connect_local(self.local_host, self.local_port, self._connect_timeout)
         except OSError as e:
             with self._lock:
                 self._failed += 1
@@ -249,8 +249,6 @@ class ReverseTunnel:
                 )
             chan.close()
             return
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Connection(chan, sock)
         with self._lock:
             if self._closed:
@@ -330,6 +328,22 @@ class ReverseTunnel:
             self._to_remote += to_remote
 
 
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+_CLOSE_GRACEFULLY = struct.pack("ii", 0, 0)
+
+
+def connect_local(host: str, port: int, timeout: float) -> socket.socket:
+    """A connection to the local server that ends in a RST if this process dies with it open
+    (SIGKILL, the OOM killer): the kernel would otherwise close it with a FIN, which a CRIU page
+    server takes for "every page sent" and so ends the only complete copy of the tree. Only
+    `_Connection.pass_eof` (the verdict "done") turns the FIN back on."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    return sock
+
+
 class _Connection:
     """One forwarded connection: the channel from sshd and our socket to the local server."""
 
@@ -348,6 +362,7 @@ class _Connection:
                 return
             self.eof_passed = True
             try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _CLOSE_GRACEFULLY)
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 self.eof_passed = False
@@ -376,7 +391,7 @@ class _Connection:
             eof_passed = self.eof_passed
         if not eof_passed:
             with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)
         with contextlib.suppress(OSError):

@@ -1,6 +1,7 @@
 """Named failure points, for tests that prove a failure anywhere rolls back cleanly.
 
-MIGRATE_FAULTS=name[,name...] in a process's environment makes those points raise; `name:kill`
+MIGRATE_FAULTS=name[,name...] in a process's environment (points: restore, pages, commit on the
+target; page-server-ready on the source) makes those points raise; `name:kill`
 makes the process die there at once (SIGKILL), as it would by the OOM killer or a crash. They
 cost one environment lookup and are inert otherwise.
 """

@@ -10,6 +10,7 @@ rebooted, or a shim that was killed, leaves `running` records whose processes ar
 |---|---|---|
 | running | shim and every process gone | lost (mounts and cgroups freed) |
 | checkpointing, migrating; owner dead | processes alive, none traced by a live CRIU | running (CRIU resumed them) |
+| migrating; owner dead | processes held by a CRIU that outlived it | that CRIU is killed, so they run on |
 | checkpointing, migrating; owner dead | processes gone | lost |
 | restoring; owner dead | shim gone | lost (a half-restored tree is killed) |
 
@@ -19,6 +20,7 @@ that moves on meanwhile always wins. The decision is a pure function of the fact
 """
 
 import signal
+import time
 from dataclasses import dataclass
 
 from . import linux, states
@@ -49,10 +51,29 @@ def decide(state: str, facts: Facts) -> tuple[str, str] | None:
             return None  # the shim still restores or already supervises: it settles the record
         return "lost", f"its {what} was interrupted and nothing supervises it"
     if facts.traced:
-        return None  # a CRIU outlived the operation and still holds the tree: wait for it
+        # A dump's CRIU notices its caller's death at its next notification and lets the tree
+        # go. A lazy migration's page server may instead wait for a connection that will never
+        # come, holding the tree frozen (seen; not every time): nothing can use it any more,
+        # so it is ended.
+        return ("release", "its migration died and left CRIU holding its processes") \
+            if state == states.MIGRATING else None
     if facts.tree_alive:
         return "resumed", f"its {what} was interrupted; its processes run on"
     return "lost", f"its {what} was interrupted and its processes are gone"
+
+
+def _tracers(rec: ContainerRecord) -> set[int]:
+    return {t for t in (_tracer(p) for p in Cgroups(rec.cgroups).pids()) if t}
+
+
+def release_tracers(rec: ContainerRecord, timeout: float = 10.0) -> None:
+    """Kill whatever CRIU holds the container's processes and wait until they are free: a
+    ptrace-seized tree runs on when its tracer dies (nothing of its state was changed yet)."""
+    for tracer in _tracers(rec):
+        linux.send_signal(tracer, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _tracers(rec) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def facts_of(rec: ContainerRecord) -> Facts:
@@ -67,16 +88,17 @@ def facts_of(rec: ContainerRecord) -> Facts:
     )
 
 
-def _tracer(pid: int) -> bool:
+def _tracer(pid: int) -> int | None:
+    """The live process that ptrace-holds pid, if any."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("TracerPid:"):
                     tracer = int(line.split()[1])
-                    return tracer != 0 and linux.pid_running(tracer)
+                    return tracer if tracer and linux.pid_running(tracer) else None
     except OSError:
         pass
-    return False
+    return None
 
 
 def _stopped(pid: int) -> bool:
@@ -93,7 +115,10 @@ def reconcile(catalog: Catalog, release) -> list[str]:
     notes = []
     for rec in catalog.containers():
         verdict = decide(rec.state, facts_of(rec))
-        if verdict is None:
+        if verdict is not None and verdict[0] == "release":
+            release_tracers(rec)
+            verdict = decide(rec.state, facts_of(rec))
+        if verdict is None or verdict[0] == "release":
             continue
         action, why = verdict
         if action == "resumed":

@@ -100,3 +100,20 @@ def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, 
     wait_until(lambda: b.ps() == {} and not b.state.container_dir("c1").exists(), 30, "the copy on host-b to go")
     wait_until(lambda: not b._procs_of_root(), 30, "every process of host-b's root to end")
     assert linux.mounts_under(str(b.root)) == []
+
+
+def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(two):  # noqa: F811
+    """The worst moment of a lazy migration: CRIU holds the source frozen and serves its pages,
+    and the controller dies before the target connected. The agent ends its side; the next
+    command here finds CRIU holding the tree for nobody, ends it, and the tree runs on."""
+    a, b = two["host-a"], two["host-b"]
+    before = start_counter(two)
+    pid = a.container("c1")["pid"]
+    r = a.run("c1", "host-b", "--mode", "lazy", env={"MIGRATE_FAULTS": "page-server-ready:kill"})
+    assert r.rc == -signal.SIGKILL, str(r)
+    # the tree is frozen by the orphaned CRIU until a command settles the record
+    wait_until(lambda: a.container("c1")["state"] == "running", 30, "the source to run again")
+    assert a.container("c1")["pid"] == pid
+    nums = a.wait_count("c1", len(counter_numbers(a.logs("c1"))) + 5)
+    assert_consecutive(nums) and nums[:len(before)] == before
+    wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")

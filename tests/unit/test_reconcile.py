@@ -33,7 +33,14 @@ def test_a_live_owner_is_never_overruled(state):
 def test_an_interrupted_dump_resumes_or_is_lost(state):
     assert decide(state, facts(shim=True, tree=True))[0] == "resumed"
     assert decide(state, facts())[0] == "lost"
-    assert decide(state, facts(shim=True, tree=True, traced=True)) is None  # CRIU still holds it
+
+
+def test_a_criu_that_outlived_its_operation():
+    # a checkpoint's CRIU lets the tree go by itself at its next notification: wait for it
+    assert decide(states.CHECKPOINTING, facts(shim=True, tree=True, traced=True)) is None
+    # a lazy migration's page server may wait forever with the tree frozen: it is ended
+    assert decide(states.MIGRATING, facts(shim=True, tree=True, traced=True))[0] == "release"
+    assert decide(states.MIGRATING, facts(owner=True, shim=True, tree=True, traced=True)) is None
 
 
 def test_an_interrupted_restore_waits_for_its_shim():

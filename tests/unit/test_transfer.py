@@ -40,3 +40,28 @@ def test_stats_json():
     j = s.to_json()
     assert j["bytes_total"] == 10 and set(j["bytes"]) == {"layers", "upper", "images", "pages"}
     assert "layers" in j["phases_s"] and j["downtime_s"] == 0.5
+
+
+def test_a_file_rewritten_within_the_same_second_with_the_same_size_is_sent_again(tmp_path):
+    """What the frozen final sync relies on: rsync's quick check with our flags sees a change
+    that whole-second mtimes hide (a database page rewritten in place)."""
+    import os
+    import subprocess
+
+    from migrate.transfer import RSYNC_FLAGS
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    f = src / "page"
+
+    def write(data: str, ns_in_second: int, second: int) -> None:
+        f.write_text(data)
+        os.utime(f, ns=(second * 10**9, second * 10**9 + ns_in_second))
+
+    second = 1_700_000_000
+    write("AAAA", 100, second)
+    flags = [a for a in RSYNC_FLAGS if not a.startswith("--info")]
+    subprocess.run(["rsync", *flags, f"{src}/", f"{dst}/"], check=True, capture_output=True)
+    write("BBBB", 900, second)  # same size, same whole second
+    subprocess.run(["rsync", *flags, f"{src}/", f"{dst}/"], check=True, capture_output=True)
+    assert (dst / "page").read_text() == "BBBB"

@@ -352,3 +352,40 @@ def test_close_resets_an_active_connection_instead_of_finishing_it(pair):
         assert watcher.wait() == "rst"
     finally:
         watcher.close()
+
+
+def _server_sees(conn: socket.socket) -> str:
+    conn.settimeout(10)
+    try:
+        return "fin" if conn.recv(1) == b"" else "data"
+    except ConnectionResetError:
+        return "rst"
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+def test_a_forwarded_connection_whose_process_dies_ends_in_a_reset(graceful):
+    """SIGKILL of the controller must never look like "all pages sent" to CRIU's page server:
+    the kernel's close of a dead process's socket is a RST, unless the verdict "done" (a FIN)
+    was given before."""
+    import os
+    import signal
+
+    from migrate.tunnel import _Connection, connect_local
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        child = os.fork()
+        if child == 0:  # the controller: connects, maybe gives the verdict, then dies
+            try:
+                sock = connect_local("127.0.0.1", port, 5)
+                if graceful:
+                    _Connection(None, sock).pass_eof()
+                time.sleep(0.2)
+            finally:
+                os.kill(os.getpid(), signal.SIGKILL)
+        conn, _ = listener.accept()
+        with conn:
+            os.waitpid(child, 0)
+            assert _server_sees(conn) == ("fin" if graceful else "rst")
