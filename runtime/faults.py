@@ -1,13 +1,15 @@
 """Named failure points, for tests that prove a failure anywhere rolls back cleanly.
 
 MIGRATE_FAULTS=name[,name...] in a process's environment (points: restore, pages, commit on the
-target; page-server-ready on the source) makes those points raise; `name:kill`
-makes the process die there at once (SIGKILL), as it would by the OOM killer or a crash. They
-cost one environment lookup and are inert otherwise.
+target; page-server-ready on the source; restored in a restore's shim) makes those points raise;
+`name:kill` makes the process die there at once (SIGKILL), as it would by the OOM killer or a
+crash, and `name:kill-parent` kills the process that started it (and waits until it is gone).
+They cost one environment lookup and are inert otherwise.
 """
 
 import os
 import signal
+import time
 
 from .errors import MigrateError
 
@@ -16,5 +18,10 @@ def point(name: str) -> None:
     faults = os.environ.get("MIGRATE_FAULTS", "").split(",")
     if f"{name}:kill" in faults:
         os.kill(os.getpid(), signal.SIGKILL)
+    if f"{name}:kill-parent" in faults:
+        parent = os.getppid()
+        os.kill(parent, signal.SIGKILL)
+        while os.path.exists(f"/proc/{parent}") and os.getppid() == parent:
+            time.sleep(0.01)
     if name in faults:
         raise MigrateError(f"injected fault at {name}")

@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import criulogs, linux, rootfs, states
+from . import criulogs, faults, linux, rootfs, states
 from .cgroups import Cgroups
 from .criu import Criu, RestoreOptions, _rpc
 from .errors import CriuError, MigrateError
@@ -258,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
             kept = criulogs.keep_failed(root, args.name, e)
             if kept.log is not None:
                 verdict.update(error=kept.detail, criu_log=str(kept.log))
-        status.write(json.dumps(verdict) + "\n")
-        status.close()
+        _report(status, verdict)
         return 1
-    status.write(json.dumps({"ok": True, "pid": pid}) + "\n")
-    status.close()
+    # whoever started us may be gone by now (an agent killed during the restore): a fenced
+    # container then sees the end of its go pipe at once in supervise() and is killed there
+    faults.point("restored")
+    _report(status, {"ok": True, "pid": pid})
     code, fenced = shim.supervise(pid, fence_fd=sys.stdin.fileno() if args.fenced else None)
     _safe(shim.teardown)
     if fenced:  # it never became this host's container: no record, no folder remains of it
@@ -272,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     catalog.update_if_state(args.name, states.RUNNING, state=states.EXITED, exit_code=code,
                             finished=time.time(), pid=None, shim_pid=None)
     return 0
+
+
+def _report(status, verdict: dict) -> None:
+    """The verdict to whoever started us; that it is gone must not kill the supervisor."""
+    with contextlib.suppress(OSError):
+        status.write(json.dumps(verdict) + "\n")
+        status.flush()
+    with contextlib.suppress(OSError):
+        status.close()
 
 
 def _safe(fn) -> None:

@@ -82,12 +82,16 @@ def test_a_killed_migration_leaves_one_running_copy_and_no_stuck_record(two):  #
     assert b.container("c1")["state"] == "running" and "c1" not in a.ps()
 
 
-@pytest.mark.parametrize("mode", ["copy", "lazy"])
-def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, mode):  # noqa: F811
+@pytest.mark.parametrize("mode,fault", [
+    ("copy", "commit:kill"),  # the agent dies when the commit arrives
+    ("lazy", "commit:kill"),
+    ("copy", "restored:kill-parent"),  # the agent dies while the shim restores: nobody reads its verdict
+])
+def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, mode, fault):  # noqa: F811
     """The fence: the restored copy's shim holds the agent's go pipe and kills the copy when it
     ends before the commit byte, so the source (which CRIU resumes) is the only one that runs."""
     a, b = two["host-a"], two["host-b"]
-    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "commit:kill"})  # SIGKILL at the commit
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": fault})
     before = start_counter(two)
     pid = a.container("c1")["pid"]
     r = a.fails(8, "c1", "host-b", "--mode", mode)
