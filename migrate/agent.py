@@ -9,6 +9,7 @@ controller says `commit`, everything is undone here: the source still has the co
 import base64
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -21,6 +22,7 @@ from runtime.container import LaunchedShim, Runtime
 from runtime.criu import Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
 from runtime.facts import cpuinfo_check, host_facts
+from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
 
@@ -82,9 +84,11 @@ class Agent:
             raise NotFound(f"volume source(s) missing on this host: {', '.join(missing)}")
         self.abort()
         # a short random name: CRIU's lazy-pages socket lives in it, and socket paths are short
-        incoming = self.rt.root.root / "incoming" / secrets.token_hex(4)
+        incoming = self.rt.root.incoming / secrets.token_hex(4)
         incoming.mkdir(parents=True, mode=0o700)
         self.pending = _Pending(name, incoming, self.rt.layers.staging_dir())
+        # whose they are: if this agent dies (SIGKILL), the next command here removes them
+        write_transfer_owner(incoming, self.pending.staging)
         return {"incoming": str(incoming), "staging": str(self.pending.staging)}
 
     def op_adopt_layers(self, msg: dict) -> dict:
@@ -146,7 +150,7 @@ class Agent:
             raise Conflict(f"{p.name} was restored here but no longer runs: {rec.state}{code}")
         if p.shim is not None:
             p.shim.commit()  # from here on the copy here runs on whatever happens to this agent
-        shutil.rmtree(p.staging, ignore_errors=True)
+        _end_transfer(p)
         self.pending = None
         return {}
 
@@ -168,8 +172,7 @@ class Agent:
             self.rt.discard(p.name)
         if p.pages is not None:  # only now: the tree must never run without its pages
             p.pages.kill()
-        _remove_incoming(p.incoming)
-        shutil.rmtree(p.staging, ignore_errors=True)
+        _end_transfer(p)
         if p.adopted:
             self._remove_layers(p.adopted)
 
@@ -188,10 +191,19 @@ class Agent:
 
 
 def _remove_incoming(incoming: Path) -> None:
-    """A migration's incoming folder, and incoming/ itself once empty: nothing of it stays."""
+    """A migration's incoming folder, once restored from (its owner file stays to the end)."""
     shutil.rmtree(incoming, ignore_errors=True)
+
+
+def _end_transfer(p: _Pending) -> None:
+    """At the commit or the abort: the incoming and staging folders, the owner file, and
+    incoming/ itself once empty: nothing of the migration stays."""
+    _remove_incoming(p.incoming)
+    shutil.rmtree(p.staging, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(owner_file(p.incoming))
     with contextlib.suppress(OSError):
-        incoming.parent.rmdir()
+        p.incoming.parent.rmdir()
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> int:

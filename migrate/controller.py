@@ -107,7 +107,7 @@ class Migration:
             remote = agent.call("hello")["facts"]
             self._preflight(agent, local.result(), remote, cpu.result())
         self.rt.catalog.transition(self.name, "migrate")
-        outgoing = self.rt.root.root / "outgoing" / self.name
+        outgoing = self.rt.root.outgoing / self.name
         try:
             self._transfer(agent, rsync, remote, outgoing, session)
         except BaseException as e:

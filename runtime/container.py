@@ -20,7 +20,7 @@ from .cgroups import Cgroups
 from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
 from .paths import StateRoot
-from .reconcile import reconcile
+from .reconcile import reconcile, sweep_transfers
 from .shim import COMMIT, container_env
 from .spec import ContainerSpec, Limits, Volume, validate_name
 from .store import Catalog, ContainerRecord
@@ -53,8 +53,9 @@ class Runtime:
         self.catalog.close()
 
     def reconcile(self) -> list[str]:
-        """Settle records that operations which died left behind (runtime/reconcile.py)."""
-        return reconcile(self.catalog, self.release)
+        """Settle records that operations which died left behind, and remove their migration
+        folders (runtime/reconcile.py)."""
+        return reconcile(self.catalog, self.release) + sweep_transfers(self.root, self.catalog)
 
     # creating and starting
     def build_spec(self, req: RunRequest) -> ContainerSpec:
@@ -165,10 +166,12 @@ class Runtime:
     def wait_for_exit(self, name: str, timeout: float) -> bool:
         """True once the shim has recorded the exit and is gone."""
         deadline = time.monotonic() + timeout
-        rec = self.catalog.container(name)
+        shim = self.catalog.container(name).shim_pid
         while time.monotonic() < deadline:
             rec = self.catalog.container(name)
-            if rec.state != states.RUNNING and not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
+            # the shim clears its PID with the exit it records, then still has to exit itself
+            shim = rec.shim_pid or shim
+            if rec.state != states.RUNNING and not (shim and linux.pid_running(shim)):
                 return True
             time.sleep(0.05)
         return False

@@ -44,6 +44,16 @@ class StateRoot:
         """CRIU logs of failed dumps and restores (runtime/criulogs.py); they outlive the container."""
         return self.root / "criu-logs"
 
+    @property
+    def incoming(self) -> Path:
+        """Migrations arriving here: incoming/HEX (images, upper dir, log) and HEX.owner."""
+        return self.root / "incoming"
+
+    @property
+    def outgoing(self) -> Path:
+        """Migrations leaving here: outgoing/NAME (CRIU's images while the source is frozen)."""
+        return self.root / "outgoing"
+
     def container_dir(self, name: str) -> Path:
         return self.containers / name
 

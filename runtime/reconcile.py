@@ -19,13 +19,19 @@ conditional on the record being unchanged since the facts were read, so a live o
 that moves on meanwhile always wins. The decision is a pure function of the facts.
 """
 
+import contextlib
+import json
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import linux, states
 from .cgroups import Cgroups
-from .store import Catalog, ContainerRecord
+from .paths import StateRoot
+from .store import Catalog, ContainerRecord, own_identity
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,47 @@ def _stopped(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] == "T"
     except OSError:
         return False
+
+
+def owner_file(incoming: Path) -> Path:
+    return incoming.with_name(incoming.name + ".owner")
+
+
+def write_transfer_owner(incoming: Path, staging: Path) -> None:
+    """Beside a migration's incoming folder: the agent that owns it and its layer staging folder."""
+    tmp = owner_file(incoming).with_suffix(".tmp")
+    tmp.write_text(json.dumps({**own_identity(), "staging": str(staging)}))
+    os.rename(tmp, owner_file(incoming))
+
+
+def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
+    """Remove what migrations whose process died left here (CRIU images of a container's memory):
+    incoming folders whose agent is gone, outgoing folders of containers no live migration holds."""
+    removed = []
+    for marker in sorted(root.incoming.glob("*.owner")) if root.incoming.is_dir() else []:
+        try:
+            owner = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if not linux.proc_gone((owner.get("pid"), owner.get("start"))):
+            continue
+        incoming = marker.with_suffix("")
+        staging = Path(str(owner.get("staging", "")))
+        shutil.rmtree(incoming, ignore_errors=True)
+        if staging.parent == root.layers / "tmp" and staging.name.startswith("incoming-"):
+            shutil.rmtree(staging, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        removed.append(f"incoming/{incoming.name}")
+    for folder in sorted(root.outgoing.iterdir()) if root.outgoing.is_dir() else []:
+        rec = catalog.find_container(folder.name)
+        owner = (rec.owner or {}) if rec is not None and rec.state == states.MIGRATING else {}
+        if not owner or linux.proc_gone((owner.get("pid"), owner.get("start"))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(f"outgoing/{folder.name}")
+    for folder in (root.incoming, root.outgoing):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only once empty
+    return [f"removed what a migration that died left in {root.root}: {', '.join(removed)}"] if removed else []
 
 
 def reconcile(catalog: Catalog, release) -> list[str]:

@@ -9,7 +9,13 @@ import time
 
 import pytest
 from clihost import COUNTER, IMAGE, _cli, assert_consecutive, counter_numbers, proc_gone, proc_identity, wait_until
-from test_migration import cluster, set_host_env, start_counter, two  # noqa: F401 - fixtures
+from test_migration import (  # noqa: F401 - fixtures
+    assert_no_migration_leftovers,
+    cluster,
+    set_host_env,
+    start_counter,
+    two,
+)
 
 from runtime import linux
 
@@ -104,6 +110,8 @@ def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, 
     wait_until(lambda: b.ps() == {} and not b.state.container_dir("c1").exists(), 30, "the copy on host-b to go")
     wait_until(lambda: not b._procs_of_root(), 30, "every process of host-b's root to end")
     assert linux.mounts_under(str(b.root)) == []
+    b.ps()  # the next command there sweeps what the dead agent left (its memory images)
+    assert_no_migration_leftovers(a, b)
 
 
 def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(two):  # noqa: F811
@@ -121,3 +129,4 @@ def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(t
     nums = a.wait_count("c1", len(counter_numbers(a.logs("c1"))) + 5)
     assert_consecutive(nums) and nums[:len(before)] == before
     wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")
+    assert_no_migration_leftovers(a, b)  # the images CRIU wrote here for it are gone too

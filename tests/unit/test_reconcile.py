@@ -109,3 +109,30 @@ def test_transient_states_name_their_owner_and_settle_is_conditional(tmp_path):
     assert cat.settle("c1", rec, "resumed")
     assert (cat.container("c1").state, cat.container("c1").owner) == (states.RUNNING, None)
     assert json.loads(cat._db.execute("SELECT owner FROM containers").fetchone()[0] or "null") is None
+
+
+def test_what_a_dead_migration_left_is_swept_and_a_live_ones_is_not(tmp_path):
+    from runtime.paths import StateRoot
+    from runtime.reconcile import owner_file, sweep_transfers, write_transfer_owner
+
+    root = StateRoot(tmp_path / "root")
+    cat = Catalog(root.db)
+    (root.layers / "tmp").mkdir(parents=True)
+    live, dead = root.incoming / "aaaa", root.incoming / "bbbb"
+    staging_live, staging_dead = root.layers / "tmp" / "incoming-1", root.layers / "tmp" / "incoming-2"
+    for d in (live, dead, staging_live, staging_dead):
+        d.mkdir(parents=True)
+        (d / "pages.img").write_text("memory")
+    write_transfer_owner(live, staging_live)  # this process: alive
+    owner_file(dead).write_text(json.dumps({"pid": os.getpid(), "start": 1, "staging": str(staging_dead)}))
+    # outgoing: one of a container a live migration holds, one nobody holds
+    cat.add_container(spec("held"), states.RUNNING)
+    cat.transition("held", "migrate")
+    for name in ("held", "orphan"):
+        (root.outgoing / name).mkdir(parents=True)
+    notes = sweep_transfers(root, cat)
+    assert len(notes) == 1 and "incoming/bbbb" in notes[0] and "outgoing/orphan" in notes[0]
+    assert live.is_dir() and staging_live.is_dir() and owner_file(live).exists()
+    assert not dead.exists() and not staging_dead.exists() and not owner_file(dead).exists()
+    assert (root.outgoing / "held").is_dir() and not (root.outgoing / "orphan").exists()
+    assert sweep_transfers(root, cat) == []  # nothing more to do
