@@ -7,10 +7,12 @@ so a later call from elsewhere finds and removes exactly those.
 
 import errno
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import linux
 from .errors import MigrateError
 from .spec import Limits
 
@@ -116,6 +118,11 @@ class Cgroups:
             except FileNotFoundError:
                 pass
         return found
+
+    def kill(self) -> None:
+        """SIGKILL every process in these cgroups, by PID."""
+        for pid in self.pids():
+            linux.send_signal(pid, signal.SIGKILL)
 
     def memory_usage(self) -> int | None:
         for key, filename in (("memory", "memory.usage_in_bytes"), ("unified", "memory.current")):

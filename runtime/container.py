@@ -190,8 +190,7 @@ class Runtime:
         rec = self.catalog.find_container(name)
         cgroups = Cgroups(rec.cgroups) if rec is not None else None
         if cgroups is not None:
-            for pid in cgroups.pids():
-                linux.send_signal(pid, signal.SIGKILL)
+            cgroups.kill()
         rootfs.unmount_all(self.root.container_dir(name))
         if cgroups is not None:
             cgroups.remove()

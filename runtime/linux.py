@@ -75,37 +75,38 @@ def send_signal(pid: int | None, sig: int) -> None:
             pass
 
 
-def proc_identity(pid: int | None) -> tuple[int, int] | None:
-    """(pid, start time in clock ticks): tells a process from a later one that reuses its PID."""
+def _stat(pid: int | None) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, start time at 19)."""
     if not pid:
         return None
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return pid, int(f.read().rpartition(")")[2].split()[19])
-    except (OSError, IndexError, ValueError):
+            return f.read().rpartition(")")[2].split()
+    except OSError:
         return None
+
+
+def proc_state(pid: int | None) -> str | None:
+    """R, S, D, T (stopped), Z (zombie)...; None once it is gone."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
+
+
+def proc_identity(pid: int | None) -> tuple[int, int] | None:
+    """(pid, start time in clock ticks): tells a process from a later one that reuses its PID."""
+    fields = _stat(pid)
+    return (pid, int(fields[19])) if fields else None
 
 
 def proc_gone(ident: tuple[int, int] | None) -> bool:
     """True when that very process is gone, or only a zombie left for a slow PID 1 to reap."""
-    if ident is None:
-        return True
-    pid, start = ident
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return True
-    return fields[0] == "Z" or int(fields[19]) != start
+    fields = _stat(ident[0]) if ident else None
+    return fields is None or fields[0] == "Z" or int(fields[19]) != ident[1]
 
 
 def pid_running(pid: int) -> bool:
     """Alive and not a zombie waiting for a slow PID 1 (a zombie holds no namespaces or mounts)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    return proc_state(pid) not in (None, "Z")
 
 
 def is_mountpoint(path: str) -> bool:

@@ -82,9 +82,13 @@ def release_tracers(rec: ContainerRecord, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _alive(owner: dict | None) -> bool:
+    """Whether the process an owner record ({"pid", "start"}) names still runs."""
+    return bool(owner) and not linux.proc_gone((owner.get("pid"), owner.get("start")))
+
+
 def facts_of(rec: ContainerRecord) -> Facts:
-    owner = rec.owner or {}
-    owner_alive = bool(owner) and not linux.proc_gone((owner.get("pid"), owner.get("start")))
+    owner_alive = _alive(rec.owner)
     tree = [p for p in Cgroups(rec.cgroups).pids() if linux.pid_running(p)]
     return Facts(
         owner_alive=owner_alive,
@@ -107,14 +111,6 @@ def _tracer(pid: int) -> int | None:
     return None
 
 
-def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "T"
-    except OSError:
-        return False
-
-
 def owner_file(incoming: Path) -> Path:
     return incoming.with_name(incoming.name + ".owner")
 
@@ -135,7 +131,7 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
             owner = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        if not linux.proc_gone((owner.get("pid"), owner.get("start"))):
+        if _alive(owner):
             continue
         incoming = marker.with_suffix("")
         staging = Path(str(owner.get("staging", "")))
@@ -146,8 +142,7 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
         removed.append(f"incoming/{incoming.name}")
     for folder in sorted(root.outgoing.iterdir()) if root.outgoing.is_dir() else []:
         rec = catalog.find_container(folder.name)
-        owner = (rec.owner or {}) if rec is not None and rec.state == states.MIGRATING else {}
-        if not owner or linux.proc_gone((owner.get("pid"), owner.get("start"))):
+        if not (rec is not None and rec.state == states.MIGRATING and _alive(rec.owner)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"outgoing/{folder.name}")
     for folder in (root.incoming, root.outgoing):
@@ -170,7 +165,7 @@ def reconcile(catalog: Catalog, release) -> list[str]:
         action, why = verdict
         if action == "resumed":
             for pid in Cgroups(rec.cgroups).pids():  # a tree a dead CRIU left stopped goes on
-                if _stopped(pid):
+                if linux.proc_state(pid) == "T":
                     linux.send_signal(pid, signal.SIGCONT)
             settled = catalog.settle(rec.name, rec, action)
         else:

@@ -155,8 +155,7 @@ class Shim:
                     sel.unregister(fence_fd)
                     if os.read(fence_fd, 1) != COMMIT:
                         fenced = True
-                        for pid in self.cgroups.pids():
-                            linux.send_signal(pid, signal.SIGKILL)
+                        self.cgroups.kill()
                     continue
                 data = os.read(key.fd, 65536)
                 if data:
