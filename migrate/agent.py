@@ -10,14 +10,18 @@ import base64
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import criulogs, faults, linux, procfs, states
+from runtime import criulogs, faults, journal, linux, procfs, states
+from runtime.cgroups import Cgroups
 from runtime.container import LaunchedShim, Runtime
 from runtime.criu import Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
@@ -26,7 +30,12 @@ from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
 
-PROTOCOL = 1
+PROTOCOL = 2
+COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
+# requests that are steps of the migration: journaled before and after
+_STEPS = {"adopt_layers": "layers", "preload": "preload", "restore": "restore", "wait_pages": "memory pages",
+          "commit": "commit"}
+_MIGRATION_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
 @dataclass
@@ -34,11 +43,13 @@ class _Pending:
     """What the current migration has created on this host so far."""
 
     name: str
+    migration: str
     incoming: Path
     staging: Path
     adopted: list[str] = field(default_factory=list)
     pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
     shim: LaunchedShim | None = None  # started before the freeze, told to go at restore
+    deadline: threading.Timer | None = None  # aborts the restored copy if no commit comes in time
 
 
 class Agent:
@@ -51,12 +62,24 @@ class Agent:
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise InvalidInput(f"unknown agent request {op!r}")
+        step = _STEPS.get(op)
+        if step is not None or op == "prepare":
+            faults.point("target-" + (step or op).replace(" ", "-"))
+        p = self.pending if step else None
+        if p is not None:
+            self.rt.catalog.journal.note(p.migration, journal.TARGET, step, "begin")
         try:
-            return method(msg)
-        except CriuError as e:  # its CRIU log is in the incoming folder, which an abort removes
-            if self.pending is None:
-                raise
-            raise criulogs.keep_failed(self.rt.root, self.pending.name, e) from None
+            answer = method(msg)
+        except MigrateError as e:
+            if p is not None:
+                self.rt.catalog.journal.note(p.migration, journal.TARGET, step, "failed", str(e))
+            if isinstance(e, CriuError) and self.pending is not None:
+                # its CRIU log is in the incoming folder, which an abort removes
+                raise criulogs.keep_failed(self.rt.root, self.pending.name, e) from None
+            raise
+        if p is not None:
+            self.rt.catalog.journal.note(p.migration, journal.TARGET, step, "done")
+        return answer
 
     def op_hello(self, _msg: dict) -> dict:
         return {"protocol": PROTOCOL,
@@ -77,6 +100,7 @@ class Agent:
 
     def op_prepare(self, msg: dict) -> dict:
         name = validate_name(msg["name"])
+        migration = _migration_id(msg)
         if self.rt.catalog.find_container(name) is not None:
             raise Conflict(f"a container named {name} already exists on this host")
         missing = [v for v in msg.get("volumes", []) if not Path(v).exists()]
@@ -86,7 +110,9 @@ class Agent:
         # a short random name: CRIU's lazy-pages socket lives in it, and socket paths are short
         incoming = self.rt.root.incoming / secrets.token_hex(4)
         incoming.mkdir(parents=True, mode=0o700)
-        self.pending = _Pending(name, incoming, self.rt.layers.staging_dir())
+        self.rt.catalog.journal.begin(migration, journal.TARGET, name, str(msg.get("source", "?")))
+        self.rt.catalog.journal.note(migration, journal.TARGET, "prepare", "done", str(incoming))
+        self.pending = _Pending(name, migration, incoming, self.rt.layers.staging_dir())
         # whose they are: if this agent dies (SIGKILL), the next command here removes them
         write_transfer_owner(incoming, self.pending.staging)
         return {"incoming": str(incoming), "staging": str(self.pending.staging)}
@@ -105,12 +131,13 @@ class Agent:
         spec = ContainerSpec.from_json(msg["spec"]).renamed(p.name)
         self.rt.require_layers(spec)
         self.rt.create_record(spec)
+        self.rt.catalog.set_fields(p.name, migration=p.migration)  # an uncommitted copy of this migration
         started = msg.get("started")
         if isinstance(started, (int, float)) and not isinstance(started, bool):
             self.rt.catalog.set_fields(p.name, started=float(started))  # STARTED moves with it
         # fenced: until the commit, the restored copy lives only as long as this agent does
         p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")),
-                                     tcp_close=bool(msg.get("tcp_close")), fenced=True)
+                                     tcp_close=bool(msg.get("tcp_close")), migration=p.migration)
         return {}
 
     def op_restore(self, msg: dict) -> dict:
@@ -123,6 +150,7 @@ class Agent:
         rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None, shim=p.shim)
         if p.pages is None:
             _remove_incoming(p.incoming)
+            self._commit_within(p, msg)
         return {"pid": rec.pid}
 
     def op_wait_pages(self, msg: dict) -> dict:
@@ -136,23 +164,65 @@ class Agent:
             self.rt.release(p.name)
             raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}", log=p.pages.log, op="lazy-pages")
         _remove_incoming(p.incoming)
+        self._commit_within(p, msg)
         return {}
+
+    def _commit_within(self, p: _Pending, msg: dict) -> None:
+        """The copy runs now, fenced; if no commit arrives within the controller's deadline
+        (it hangs, the network is cut without an EOF), it is aborted here by itself: so the
+        source knows that, past that deadline, the copy here is gone unless it sent a commit."""
+        seconds = msg.get("commit_within")
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
+            return
+        p.deadline = threading.Timer(float(seconds), _abort_copy, (self.rt.root, p.name, p.migration))
+        p.deadline.daemon = True
+        p.deadline.start()
 
     def op_commit(self, msg: dict) -> dict:
         """The copy here becomes the container, if it still runs: a tree that died after its
         restore (a CPU feature, the OOM killer) must not be committed, or the source would end
-        its only living copy."""
+        its only living copy. The decision is the journal's, durable before anyone acts on it."""
         p = self._pending(msg)
         faults.point("commit")
-        rec = self.rt.catalog.container(p.name)
-        if rec.state != states.RUNNING or not linux.pid_running(rec.pid):
-            code = f" (exit code {rec.exit_code})" if rec.exit_code is not None else ""
-            raise Conflict(f"{p.name} was restored here but no longer runs: {rec.state}{code}")
+        time.sleep(COMMIT_GRACE)
+        aborted = Conflict(f"the migration of {p.name} was aborted here (no commit within its deadline, "
+                           "or the source asked after a lost answer)")
+        if self.rt.catalog.journal.get(p.migration, journal.TARGET).outcome == journal.ABORTED:
+            raise aborted
+        rec = self.rt.catalog.find_container(p.name)
+        if rec is None or rec.state != states.RUNNING or not linux.pid_running(rec.pid):
+            self.rt.catalog.journal.decide(p.migration, journal.TARGET, journal.ABORTED)
+            code = f" (exit code {rec.exit_code})" if rec is not None and rec.exit_code is not None else ""
+            raise Conflict(f"{p.name} was restored here but no longer runs: {rec.state if rec else 'gone'}{code}")
+        if self.rt.catalog.journal.decide(p.migration, journal.TARGET, journal.COMMITTED) != journal.COMMITTED:
+            raise aborted
+        if p.deadline is not None:
+            p.deadline.cancel()
+        faults.point("commit-decided")  # decided, the shim not told yet: it must not kill the copy
+        self.rt.catalog.set_fields(p.name, migration=None)
         if p.shim is not None:
-            p.shim.commit()  # from here on the copy here runs on whatever happens to this agent
+            with contextlib.suppress(MigrateError):  # a shim that died leaves the tree running unsupervised
+                p.shim.commit()  # from here on the copy here runs on whatever happens to this agent
         _end_transfer(p)
+        self.rt.catalog.journal.finish(p.migration, journal.TARGET)
         self.pending = None
+        faults.point("committed")  # the answer is not sent yet: the source must ask again
         return {}
+
+    def op_resolve(self, msg: dict) -> dict:
+        """Asked by a source that lost the answer to a request (on a new connection, so possibly
+        while the first agent still lives): the migration's outcome, deciding `aborted` if it is
+        undecided, in which case its copy here is ended. An unknown migration never reached this
+        host, which is as good as aborted."""
+        migration = _migration_id(msg)
+        row = self.rt.catalog.journal.get(migration, journal.TARGET)
+        if row is None:
+            return {"outcome": journal.ABORTED, "known": False}
+        outcome = self.rt.catalog.journal.decide(migration, journal.TARGET, journal.ABORTED)
+        if outcome == journal.ABORTED:
+            _abort_copy(self.rt.root, row.container, migration)
+            self.rt.catalog.journal.finish(migration, journal.TARGET)
+        return {"outcome": outcome, "known": True}
 
     def op_abort(self, _msg: dict) -> dict:
         self.abort()
@@ -163,6 +233,9 @@ class Agent:
         p, self.pending = self.pending, None
         if p is None:
             return
+        if p.deadline is not None:
+            p.deadline.cancel()
+        self.rt.catalog.journal.decide(p.migration, journal.TARGET, journal.ABORTED)
         if p.shim is not None:
             p.shim.cancel()  # a restored copy is fenced: its shim kills it and drops its record
         rec = self.rt.catalog.find_container(p.name)
@@ -175,6 +248,7 @@ class Agent:
         _end_transfer(p)
         if p.adopted:
             self._remove_layers(p.adopted)
+        self.rt.catalog.journal.finish(p.migration, journal.TARGET)
 
     def _remove_layers(self, digests: list[str]) -> None:
         """The layers this migration brought, unless an image, container or snapshot here uses
@@ -188,6 +262,37 @@ class Agent:
         if self.pending is None or self.pending.name != msg.get("name"):
             raise Conflict(f"no migration of {msg.get('name')!r} is being prepared here")
         return self.pending
+
+
+def _migration_id(msg: dict) -> str:
+    migration = msg.get("migration")
+    if not isinstance(migration, str) or not _MIGRATION_ID.fullmatch(migration):
+        raise InvalidInput(f"bad migration id {migration!r}")
+    return migration
+
+
+def _abort_copy(root, name: str, migration: str) -> None:
+    """End the uncommitted copy of `migration`, if it is still undecided or aborted: decided
+    `aborted` first, so that no commit can follow; the fenced shim then removes the record."""
+    rt = Runtime(root)
+    try:
+        if rt.catalog.journal.decide(migration, journal.TARGET, journal.ABORTED) != journal.ABORTED:
+            return
+        rec = rt.catalog.find_container(name)
+        if rec is None or rec.migration != migration:
+            return
+        Cgroups(rec.cgroups).kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # its fenced shim sees it die and removes the record
+            rec = rt.catalog.find_container(name)
+            if rec is None or rec.migration != migration:
+                return
+            if not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
+                break
+            time.sleep(0.05)
+        rt.discard(name)  # its shim is gone (or hangs): nothing else will
+    finally:
+        rt.close()
 
 
 def _remove_incoming(incoming: Path) -> None:

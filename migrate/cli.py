@@ -9,7 +9,7 @@ from pathlib import Path
 
 from runtime import criulogs
 from runtime.container import RunRequest, Runtime
-from runtime.errors import InvalidInput, MigrateError, NotFound
+from runtime.errors import InDoubt, InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
 from runtime.snapshots import Snapshots
 from runtime.spec import parse_size, validate_name
@@ -18,11 +18,12 @@ from . import output
 from .preflight import MODES
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict with current state,
-5 bad image, 6 CRIU failure, 7 remote host failure, 8 migration failed and rolled back"""
+5 bad image, 6 CRIU failure, 7 remote host failure, 8 migration failed and rolled back,
+9 in doubt: a migration's target could not be asked whether it committed (see migrate recover)"""
 
 
 VERBS = ("image", "run", "ps", "logs", "exec", "stop", "rm", "checkpoint", "snapshots", "snapshot", "restore",
-         "move", "agent")
+         "move", "recover", "agent")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="move even with SQLite databases open in the container's own filesystem "
                          "(their files get new inode numbers there, and SQLite may refuse to write)")
 
+    mv.add_argument("--freeze-timeout", type=float, default=None, metavar="SECONDS",
+                    help="the longest the container may stay frozen here before the move is rolled back "
+                         "(default 120)")
+
+    rc = sub.add_parser("recover", help="settle what interrupted migrations left undecided here, asking their "
+                                        "other hosts (containers in-doubt run again here or are removed)")
+    rc.add_argument("name", nargs="?", help="only this container")
+    rc.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    rc.add_argument("--json", action="store_true")
+
     sub.add_parser("agent", help="(internal) the remote side of a migration, spoken to over SSH")
 
     rs = sub.add_parser("restore", help="bring a checkpointed container back, running")
@@ -186,6 +197,24 @@ def _snapshots(rt: Runtime, a) -> int:
     return 0
 
 
+def _recover(rt: Runtime, a) -> int:
+    from .recover import recover
+
+    outcomes = recover(rt, a.name, ssh_config=a.ssh_config)
+    if a.json:
+        output.print_json([{"container": o.container, "peer": o.peer, "result": o.result, "message": o.message}
+                           for o in outcomes])
+    else:
+        for o in outcomes:
+            if o.result == "in-doubt":  # still undecided: the one thing here that failed
+                output.err.print(f"migrate: error: {o.message}", markup=False)
+            else:
+                output.out.print(o.message, markup=False)
+        if not outcomes:
+            output.out.print("nothing to recover here")
+    return InDoubt.exit_code if any(o.result == "in-doubt" for o in outcomes) else 0
+
+
 def _criu_log(rt: Runtime, a) -> int:
     """The newest kept CRIU log of NAME; the container itself may be gone (moved, removed)."""
     if a.follow:
@@ -248,14 +277,19 @@ def dispatch(a) -> int:
         if a.verb == "move":
             from .controller import Migration  # paramiko is slow to import: only where it is needed
 
+            if a.freeze_timeout is not None and a.freeze_timeout <= 0:
+                raise InvalidInput("--freeze-timeout must be positive")
+            extra = {"freeze_timeout": a.freeze_timeout} if a.freeze_timeout is not None else {}
             stats = Migration(rt, a.name, a.host, a.mode, ssh_config=a.ssh_config, tcp_close=a.tcp_close,
-                              allow_new_inodes=a.allow_new_inodes).run()
+                              allow_new_inodes=a.allow_new_inodes, **extra).run()
             if a.json:
                 output.print_json(stats.to_json())
             else:
                 output.out.print(f"{a.name} now runs on {a.host}")
                 stats.print()
             return 0
+        if a.verb == "recover":
+            return _recover(rt, a)
         if a.verb == "agent":
             from .agent import serve
 

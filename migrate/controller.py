@@ -8,6 +8,7 @@ which step failed. Only after the commit is the source's copy removed.
 
 import base64
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -17,15 +18,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime import criulogs, faults, linux, procfs, states
+from runtime import criulogs, faults, journal, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import Runtime
 from runtime.criu import Criu, abort_lazy_dump
-from runtime.errors import CriuError, MigrateError, MigrationFailed, RemoteError
+from runtime.errors import CriuError, InDoubt, MigrateError, MigrationFailed, PeerLost, RemoteError
 from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
 from runtime.snapshots import dump, dump_blocker, tree_size
 
-from . import preflight
+from . import preflight, steps
+from .agent import PROTOCOL
 from .hosts import resolve_host
 from .ssh import RemoteProcess, SSHSession
 from .stats import MigrationStats
@@ -35,6 +37,10 @@ from .tunnel import ReverseTunnel
 AGENT_TIMEOUT = 300.0
 DUMP_JOIN_TIMEOUT = 60.0
 PAGES_TIMEOUT = 3600.0  # a lazy page transfer longer than this is treated as failed
+FREEZE_TIMEOUT = 120.0  # default bound on the source's frozen window (copy mode: until the commit)
+COMMIT_WINDOW = 30.0  # after the restore (copy) or the last page (lazy), the commit must arrive within this
+COMMIT_ANSWER_TIMEOUT = 10.0  # the target answers a commit at once: a silence this long means it is lost
+RESOLVE_TIMEOUT = 30.0  # how long a lost answer is asked for again before the source is held in doubt
 
 
 def free_local_port() -> int:
@@ -42,6 +48,17 @@ def free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def resolve_on(spec, migration: str, timeout: float = 30.0) -> str:
+    """A migration's outcome as the target's journal has it, asked on a new connection (the
+    target decides `aborted` if it was undecided, and ends its copy)."""
+    session = SSHSession.connect(spec, timeout=min(10.0, timeout))
+    try:
+        with session.open_process(spec.remote_argv("agent")) as proc:
+            return Agent(proc, spec.alias).call("resolve", migration=migration, timeout=timeout)["outcome"]
+    finally:
+        session.close()
 
 
 class Agent:
@@ -53,6 +70,7 @@ class Agent:
 
     def call(self, op: str, timeout: float = AGENT_TIMEOUT, **args) -> dict:
         self.proc.send({"op": op, **args})
+        faults.point(f"sent-{op}")  # asked, the answer not read: only the other host knows what happened
         answer = self.proc.recv(timeout=timeout)
         if not isinstance(answer, dict):
             raise RemoteError(f"the agent on {self.host} answered {answer!r}")
@@ -65,51 +83,89 @@ class Agent:
 class Migration:
     def __init__(self, runtime: Runtime, name: str, host: str, mode: str = "auto",
                  ssh_config: str | None = None, tool_config: str | None = None,
-                 tcp_close: bool = False, allow_new_inodes: bool = False):
+                 tcp_close: bool = False, allow_new_inodes: bool = False,
+                 freeze_timeout: float = FREEZE_TIMEOUT):
         self.rt = runtime
+        self.journal = runtime.catalog.journal
         self.name = name
         self.spec = resolve_host(host, ssh_config=ssh_config, tool_config=tool_config)
         self.mode = mode
         self.tcp_close = tcp_close  # connections to the outside are restored closed on the target
         self.allow_new_inodes = allow_new_inodes  # move even with SQLite databases open in the upper dir
+        self.freeze_timeout = freeze_timeout
+        self.id = secrets.token_hex(8)
         self.step = "connect"
         self.memory = 0  # the container's memory use, measured at preflight
+        self.frozen_until = 0.0  # monotonic: past it, the migration rolls back
+        self.restore_asked = False  # from then on the target may run a (fenced) copy
+        self.copy_deadline: float | None = None  # past it, an uncommitted copy on the target has ended itself
         self.stats = MigrationStats(name, socket.gethostname(), self.spec.alias)
+
+    @contextlib.contextmanager
+    def _step(self, name: str):
+        """One step of the table in migrate/steps.py, journaled before it starts and after it ends."""
+        assert name in steps.NAMES, name
+        self.step = name
+        self.journal.note(self.id, journal.SOURCE, name, "begin")
+        faults.point("source-" + name.replace(" ", "-"))
+        try:
+            yield
+        except BaseException as e:
+            self.journal.note(self.id, journal.SOURCE, name, "failed", str(e) or type(e).__name__)
+            raise
+        self.journal.note(self.id, journal.SOURCE, name, "done")
 
     def run(self) -> MigrationStats:
         started = time.monotonic()
         rec = self.rt.catalog.container(self.name)
         states.check("migrate", rec.state, self.name)
-        with tempfile.TemporaryDirectory(prefix="migrate-ssh-") as control_dir:
-            rsync = Rsync(self.spec, Path(control_dir))
-            with self.stats.phase("connect"):
-                session = SSHSession.connect(self.spec)
-            try:
-                agent = Agent(session.open_process(self.spec.remote_argv("agent")), self.spec.alias)
+        self.journal.begin(self.id, journal.SOURCE, self.name, self.spec.alias)
+        try:
+            with tempfile.TemporaryDirectory(prefix="migrate-ssh-") as control_dir:
+                rsync = Rsync(self.spec, Path(control_dir))
+                with self.stats.phase("connect"):
+                    session = SSHSession.connect(self.spec)
                 try:
-                    self._migrate(agent, rsync, session)
+                    agent = Agent(session.open_process(self.spec.remote_argv("agent")), self.spec.alias)
+                    try:
+                        self._migrate(agent, rsync, session)
+                    finally:
+                        agent.proc.close()
                 finally:
-                    agent.proc.close()
-            finally:
-                rsync.close()
-                session.close()
-        with self.stats.phase("cleanup"):
+                    rsync.close()
+                    session.close()
+        except InDoubt:
+            raise  # the journal stays open: `migrate recover` finishes it
+        except BaseException:
+            self.journal.decide(self.id, journal.SOURCE, journal.ABORTED)
+            self.journal.finish(self.id, journal.SOURCE)
+            raise
+        with self._step("cleanup"), self.stats.phase("cleanup"):
             self._remove_source()
+        self.journal.finish(self.id, journal.SOURCE)
         self.stats.total = time.monotonic() - started
         return self.stats
 
     def _migrate(self, agent: Agent, rsync: Rsync, session: SSHSession) -> None:
-        self.step = "preflight"
-        with self.stats.phase("preflight"), ThreadPoolExecutor(2) as pool:
+        with self._step("preflight"), self.stats.phase("preflight"), ThreadPoolExecutor(2) as pool:
             # this host's facts are gathered while the other host gathers its own
             local = pool.submit(host_facts, self.rt.root, [], [])
             cpu = pool.submit(cpuinfo_dump, Criu())
-            remote = agent.call("hello")["facts"]
+            hello = agent.call("hello")
+            if hello.get("protocol") != PROTOCOL:
+                raise MigrationFailed(f"cannot migrate to {self.spec.alias}: its migrate speaks protocol "
+                                      f"{hello.get('protocol')}, this one {PROTOCOL}; install the same version on both")
+            remote = hello["facts"]
             self._preflight(agent, local.result(), remote, cpu.result())
         self.rt.catalog.transition(self.name, "migrate")
         outgoing = self.rt.root.outgoing / self.name
+        in_doubt = False
         try:
             self._transfer(agent, rsync, remote, outgoing, session)
+        except InDoubt:
+            in_doubt = True  # its images stay in outgoing: the frozen state, complete (copy mode)
+            self.rt.catalog.transition(self.name, "migrate-in-doubt", owner=None)
+            raise
         except BaseException as e:
             if isinstance(e, CriuError):  # CRIU's log is in outgoing, which goes now: keep a copy
                 e = criulogs.keep_failed(self.rt.root, self.name, e)
@@ -119,9 +175,10 @@ class Migration:
                                       f"it keeps running here") from None
             raise
         finally:
-            shutil.rmtree(outgoing, ignore_errors=True)
-            with contextlib.suppress(OSError):  # outgoing/ itself once empty: a migration leaves nothing here
-                outgoing.parent.rmdir()
+            if not in_doubt:
+                shutil.rmtree(outgoing, ignore_errors=True)
+                with contextlib.suppress(OSError):  # outgoing/ itself once empty: a migration leaves nothing here
+                    outgoing.parent.rmdir()
 
     def _preflight(self, agent: Agent, local: dict, remote: dict, cpuinfo: bytes) -> None:
         rec = self.rt.catalog.container(self.name)
@@ -154,53 +211,72 @@ class Migration:
     def _transfer(self, agent: Agent, rsync: Rsync, remote: dict, outgoing: Path, session: SSHSession) -> None:
         rec = self.rt.catalog.container(self.name)
         cdir = self.rt.root.container_dir(self.name)
-        self.step = "prepare"
-        prep = agent.call("prepare", name=self.name, volumes=[v.host_path for v in rec.spec.volumes])
+        with self._step("prepare"):
+            prep = agent.call("prepare", name=self.name, migration=self.id, source=socket.gethostname(),
+                              volumes=[v.host_path for v in rec.spec.volumes])
         incoming = prep["incoming"]
-        self.step = "layers"
-        with self.stats.phase("layers"):
+        with self._step("layers"), self.stats.phase("layers"):
             missing = missing_layers(rec.spec.layers, remote["layers"])
             if missing:
                 files = [f for d in missing for f in self.rt.layers.files_of(d)]
                 total = sum(self.rt.layers.size_of(d) for d in missing)
                 self.stats.bytes["layers"] += rsync.send(files, prep["staging"] + "/", "layers", total)
                 agent.call("adopt_layers", name=self.name, digests=missing)
-        self.step = "upper dir sync"
-        with self.stats.phase("upper sync (running)"):
+        with self._step("upper sync"), self.stats.phase("upper sync (running)"):
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
                                                     tree_size(cdir / "upper"), delete=True)
-        self.step = "prepare restore"
-        agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy",
-                   tcp_close=self.tcp_close, started=rec.started)
+        with self._step("preload"):
+            agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy",
+                       tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         self.step = "checkpoint"
+        self.journal.note(self.id, journal.SOURCE, "checkpoint", "begin")
+        faults.point("source-checkpoint")
         self.freeze_started = time.monotonic()
+        self.frozen_until = self.freeze_started + self.freeze_timeout
         if self.stats.mode == "lazy":
             self._freeze_lazy(agent, session, rec, outgoing, lambda: self._ship(rsync, cdir, outgoing, incoming))
         else:
             def on_frozen() -> None:
-                self._ship(rsync, cdir, outgoing, incoming)
-                self.step = "restore"
-                with self.stats.phase("restore"):
-                    agent.call("restore", name=self.name)
-                self._commit(agent)
-                self.stats.downtime = time.monotonic() - self.freeze_started
+                try:
+                    self._ship(rsync, cdir, outgoing, incoming)
+                    with self._step("restore"), self.stats.phase("restore"):
+                        # past this instant plus the window, an uncommitted copy there is gone
+                        self.restore_asked = True
+                        self.copy_deadline = time.monotonic() + self._left() + COMMIT_WINDOW
+                        agent.call("restore", name=self.name, timeout=self._left(),
+                                   commit_within=self._left() + COMMIT_WINDOW)
+                    self._commit(agent, rec)
+                    self.stats.downtime = time.monotonic() - self.freeze_started
+                except InDoubt:
+                    raise
+                except BaseException:
+                    self._end_target_copy(agent, rec)  # before CRIU resumes the source
+                    raise
 
             dump(rec, outgoing, leave_running=False, on_frozen=on_frozen)
+
+    def _left(self) -> float:
+        """Seconds left of the frozen window; past it the migration fails (and rolls back)."""
+        left = self.frozen_until - time.monotonic()
+        if left <= 0:
+            raise MigrateError(f"the source was frozen for {self.freeze_timeout:.0f} s (--freeze-timeout) "
+                               "without the move completing")
+        return left
 
     def _ship(self, rsync: Rsync, cdir: Path, outgoing: Path, incoming: str) -> None:
         """While frozen: CRIU's images, the last changes of the upper dir and the log, to the target."""
         self.stats.phases["checkpoint"] = time.monotonic() - self.freeze_started
-        self.step = "final sync"
-        with self.stats.phase("final sync (frozen)"):
+        self.journal.note(self.id, journal.SOURCE, "checkpoint", "done")
+        with self._step("final sync"), self.stats.phase("final sync (frozen)"):
             images = outgoing / "images"
             image_bytes = tree_size(images)
             sources = [images, outgoing / "spec.json", outgoing / "checkpoint.json", cdir / "upper"]
             if (cdir / "container.log").exists():
                 sources.append(cdir / "container.log")
             # one rsync run: every run costs a round of SSH channel set-up inside the freeze
-            sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True)
+            sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left())
             self.stats.bytes["images"] += min(sent, image_bytes)
             self.stats.bytes["upper"] += max(0, sent - image_bytes)
 
@@ -215,16 +291,80 @@ class Migration:
             watcher = threading.Thread(target=watch, name="pages-progress", daemon=True)
             watcher.start()
             try:
-                # the agent gives up after PAGES_TIMEOUT; we wait a little longer for its answer
-                agent.call("wait_pages", timeout=PAGES_TIMEOUT + 60, name=self.name, timeout_s=PAGES_TIMEOUT)
+                # the agent gives up after PAGES_TIMEOUT; we wait a little longer for its answer. If
+                # the answer is lost, the agent may have armed its commit deadline just now.
+                agent.call("wait_pages", timeout=PAGES_TIMEOUT + 60, name=self.name, timeout_s=PAGES_TIMEOUT,
+                           commit_within=COMMIT_WINDOW)
             finally:
+                self.copy_deadline = time.monotonic() + COMMIT_WINDOW
                 done.set()
                 watcher.join(1.0)
 
-    def _commit(self, agent: Agent) -> None:
-        """The target owns the container from its acknowledgement on; only then may the source go."""
-        self.step = "commit"
-        agent.call("commit", name=self.name)
+    def _commit(self, agent: Agent, rec) -> None:
+        """The target owns the container from its decision on; only then may the source go.
+
+        The source is first frozen by its cgroup as well: CRIU lets a tree go when this process
+        dies, and if that happens after the target decided, the source must not run on. So
+        whatever happens from here, the source resumes only when the target is known not to
+        have committed: from its answer, or from asking again on a new connection. When it
+        cannot be asked, the source stays frozen (in doubt) until `migrate recover`."""
+        cgroups = Cgroups(rec.cgroups)
+        try:
+            cgroups.freeze(wait=False)  # CRIU holds the tree: it freezes when CRIU lets it go
+            with self._step("commit"):
+                try:
+                    agent.call("commit", name=self.name, migration=self.id, timeout=COMMIT_ANSWER_TIMEOUT)
+                    outcome = journal.COMMITTED
+                except PeerLost as e:
+                    outcome = self._ask_target(e)
+                # a refusal (RemoteError) means the target decided `aborted` before it answered
+                self.journal.decide(self.id, journal.SOURCE, outcome)
+                if outcome != journal.COMMITTED:
+                    raise RemoteError(f"{self.spec.alias} lost the answer to the commit and, asked again, says "
+                                      "it aborted the migration")
+        except InDoubt:
+            raise
+        except BaseException:
+            cgroups.thaw()  # known not committed: the source may run again
+            raise
+
+    def _ask_target(self, why: MigrateError) -> str:
+        """Ask the target, on a new connection, how the migration ended (deciding `aborted`
+        there if it is undecided). Raises InDoubt when it cannot be asked."""
+        deadline = time.monotonic() + RESOLVE_TIMEOUT
+        last: MigrateError = why
+        while time.monotonic() < deadline:
+            try:
+                return resolve_on(self.spec, self.id, timeout=max(1.0, deadline - time.monotonic()))
+            except MigrateError as e:
+                last = e
+                time.sleep(1.0)
+        raise InDoubt(f"the answer of {self.spec.alias} to the commit of {self.name} was lost ({why}) and "
+                      f"{self.spec.alias} cannot be asked again ({last}): {self.name} is held frozen here; "
+                      f"run `migrate recover {self.name}` once {self.spec.alias} is reachable")
+
+    def _end_target_copy(self, agent: Agent, rec) -> None:
+        """After a failure while the source is frozen: the copy the target may run must be gone
+        before CRIU resumes the source. The agent answers an abort once it is; else the target
+        is asked again; else the source waits until the target's copy has ended by itself."""
+        if not self.restore_asked:
+            return  # the target has no copy
+        try:
+            agent.call("abort", timeout=10.0)
+            return
+        except MigrateError:
+            pass
+        try:
+            if resolve_on(self.spec, self.id, timeout=10.0) == journal.ABORTED:
+                return
+            raise InDoubt(f"{self.spec.alias} committed {self.name} after its migration failed here")
+        except InDoubt:
+            Cgroups(rec.cgroups).freeze(wait=False)
+            raise
+        except MigrateError:
+            pass
+        if self.copy_deadline is not None:  # lazy mode before the last page: the reset that follows ends it
+            time.sleep(max(0.0, self.copy_deadline - time.monotonic()) + 1.0)
 
     def _freeze_lazy(self, agent: Agent, session: SSHSession, rec, outgoing: Path, ship) -> None:
         """Post-copy: CRIU dumps all but memory (shipped by `ship` in post-dump, frozen), then serves
@@ -256,15 +396,16 @@ class Migration:
                 raise outcome["error"]  # CRIU has resumed the source
             faults.point("page-server-ready")  # CRIU serves pages, nobody has connected yet
             try:
-                self.step = "restore"
-                with self.stats.phase("restore"):
-                    agent.call("restore", name=self.name, lazy_port=tunnel.remote_port)
+                with self._step("restore"), self.stats.phase("restore"):
+                    self.restore_asked = True
+                    agent.call("restore", name=self.name, lazy_port=tunnel.remote_port, timeout=self._left())
                 self.stats.downtime = time.monotonic() - self.freeze_started
-                self.step = "memory pages"
-                with self.stats.phase("pages (running)"):
+                with self._step("memory pages"), self.stats.phase("pages (running)"):
                     self._wait_pages(agent, tunnel, self.memory)
-                self._commit(agent)
-            except BaseException:
+                self._commit(agent, rec)
+            except BaseException as e:
+                if not isinstance(e, InDoubt):
+                    self._end_target_copy(agent, rec)  # may find it in doubt: then it stays frozen
                 tunnel.release(False)  # a reset: CRIU fails the dump and resumes the source
                 if tunnel.stats().connections == 0:  # the target never reached the page server
                     abort_lazy_dump(port)

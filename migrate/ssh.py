@@ -23,11 +23,13 @@ from errno import ECONNREFUSED
 import paramiko
 
 from migrate.hosts import HostSpec
-from runtime.errors import InvalidInput, RemoteError
+from runtime.errors import InvalidInput, PeerLost, RemoteError
 
 __all__ = ["RemoteProcess", "SSHSession", "rsync_ssh_command", "rsync_target"]
 
 _CHUNK = 65536
+KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the connection is dead
+KEEPALIVE_COUNT = 3
 
 
 class _UnknownHostKey(paramiko.SSHException):
@@ -77,6 +79,9 @@ class SSHSession:
             if error is None:
                 raise
             raise error from None
+        # paramiko only sends keepalives: its reader notices a dead peer when the socket does
+        client.get_transport().set_keepalive(KEEPALIVE_INTERVAL)
+        client.get_transport().sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return cls(spec, client)
 
     @property
@@ -163,21 +168,21 @@ class RemoteProcess:
         try:
             self._chan.sendall(line)
         except (OSError, EOFError, paramiko.SSHException) as e:
-            raise RemoteError(f"cannot send to {self._what}: {_reason(e)}") from None
+            raise PeerLost(f"cannot send to {self._what}: {_reason(e)}") from None
 
     def recv(self, timeout: float | None = None) -> object:
         """Next message; RemoteError on timeout, on exit of the peer, or on a line that is not JSON."""
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise RemoteError(f"no message from {self._what} within {timeout} s") from None
+            raise PeerLost(f"no message from {self._what} within {timeout} s") from None
         if line is None:
             self._lines.put(None)
-            raise RemoteError(self._exit_message())
+            raise PeerLost(self._exit_message())
         try:
             return json.loads(line)
         except ValueError:
-            raise RemoteError(f"{self._what} sent a line that is not JSON: {line[:120]!r}") from None
+            raise PeerLost(f"{self._what} sent a line that is not JSON: {line[:120]!r}") from None
 
     def close(self, timeout: float = 5.0) -> int:
         """Send EOF (the peer's cue to exit), wait up to TIMEOUT, close. Exit status or -1."""
@@ -254,6 +259,9 @@ def rsync_ssh_command(spec: HostSpec, *, connect_timeout: int = 10) -> list[str]
         "-o", "UpdateHostKeys=no",
         "-o", "IdentitiesOnly=yes",
         "-o", f"ConnectTimeout={connect_timeout}",
+        # a peer that went silent (cut cable, frozen host) is noticed within 15 s
+        "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
+        "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
     ]
     for path in spec.identity_files:
         argv += ["-i", path]

@@ -5,9 +5,11 @@ one multiplexed SSH connection (ControlMaster) for all its runs, so the runs ins
 freeze window do not pay for a new SSH login each.
 """
 
+import math
 import re
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -80,25 +82,42 @@ class Rsync:
                 "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C", "-o", "ControlPersist=120",
                 "-o", "Ciphers=^aes128-gcm@openssh.com"]
 
-    def argv(self, sources: list[Path], dest: str, delete: bool = False) -> list[str]:
+    def argv(self, sources: list[Path], dest: str, delete: bool = False, timeout: float | None = None) -> list[str]:
         argv = ["rsync", *RSYNC_FLAGS, "-e", shlex.join(self.ssh_argv())]
         if delete:
             argv.append("--delete")
+        if timeout is not None:  # no data for that long: rsync gives up by itself
+            argv.append(f"--timeout={max(1, math.ceil(timeout))}")
         return [*argv, "--", *map(str, sources), rsync_target(self.spec, dest)]
 
-    def send(self, sources: list[Path], dest: str, label: str, total: int, delete: bool = False) -> int:
-        """Copy sources into dest on the host; returns the bytes rsync sent. A bar after a second."""
-        argv = self.argv(sources, dest, delete)
+    def send(self, sources: list[Path], dest: str, label: str, total: int, delete: bool = False,
+             timeout: float | None = None) -> int:
+        """Copy sources into dest on the host; returns the bytes rsync sent. A bar after a second.
+        With timeout, rsync is killed once that many seconds have passed, whatever it does."""
+        argv = self.argv(sources, dest, delete, timeout)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        watchdog = threading.Timer(timeout, proc.kill) if timeout is not None else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         output: list[bytes] = []
-        with DelayedProgress(label, total) as progress:
-            for line in _lines(proc.stdout):
-                output.append(line)
-                m = _PROGRESS.match(line)
-                if m:
-                    progress.update(int(m.group(1).replace(b",", b"")))
-        stderr = proc.stderr.read().decode(errors="replace")
-        code = proc.wait()
+        try:
+            with DelayedProgress(label, total) as progress:
+                for line in _lines(proc.stdout):
+                    output.append(line)
+                    m = _PROGRESS.match(line)
+                    if m:
+                        progress.update(int(m.group(1).replace(b",", b"")))
+            stderr = proc.stderr.read().decode(errors="replace")
+            code = proc.wait()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if proc.poll() is None:  # interrupted (Ctrl-C): never leave it behind
+                proc.kill()
+                proc.wait()
+        if code < 0 and timeout is not None:
+            raise RemoteError(f"rsync of {label} to {self.spec.alias} did not finish within {timeout:.0f} s")
         if code != 0:
             last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [f"exit status {code}"]
             raise RemoteError(f"rsync of {label} to {self.spec.alias} failed: {last[0]}")

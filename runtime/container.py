@@ -55,7 +55,7 @@ class Runtime:
     def reconcile(self) -> list[str]:
         """Settle records that operations which died left behind, and remove their migration
         folders (runtime/reconcile.py)."""
-        return reconcile(self.catalog, self.release) + sweep_transfers(self.root, self.catalog)
+        return reconcile(self.catalog, self.release, self.discard) + sweep_transfers(self.root, self.catalog)
 
     # creating and starting
     def build_spec(self, req: RunRequest) -> ContainerSpec:
@@ -119,11 +119,13 @@ class Runtime:
         return self.launch_shim(name, mode, snapshot, lazy, tcp_close).go()
 
     def launch_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False,
-                    tcp_close: bool = False, fenced: bool = False) -> "LaunchedShim":
+                    tcp_close: bool = False, migration: str | None = None) -> "LaunchedShim":
         """Start the shim's interpreter now; it builds or restores the container on `go()`.
-        tcp_close: a restore brings connections to the outside back closed. fenced: the
-        container runs on only once `commit()` is called; if this process (or the LaunchedShim)
-        goes before, the shim kills it: a migration's target copy never outlives its agent."""
+        tcp_close: a restore brings connections to the outside back closed. migration: the
+        restore of that migration's target, fenced: the container runs on only once `commit()`
+        is called; if this process (or the LaunchedShim) goes before, the shim kills it unless
+        the journal says the migration committed: a target copy never outlives an agent that
+        did not commit it."""
         cdir = self.root.container_dir(name)
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
@@ -134,8 +136,8 @@ class Runtime:
             argv.append("--lazy")
         if tcp_close:
             argv.append("--tcp-close")
-        if fenced:
-            argv.append("--fenced")
+        if migration is not None:
+            argv += ["--migration", migration]
         try:
             with open(cdir / "shim.log", "ab") as shim_log:
                 proc = subprocess.Popen(
@@ -150,7 +152,7 @@ class Runtime:
         finally:
             os.close(status_w)
             os.close(go_r)
-        return LaunchedShim(name, proc, status_r, go_w, cdir / "shim.log", fenced)
+        return LaunchedShim(name, proc, status_r, go_w, cdir / "shim.log", migration is not None)
 
     # stopping and removing
     def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:

@@ -58,10 +58,22 @@ class RemoteError(MigrateError):
     exit_code = 7
 
 
+class PeerLost(RemoteError):
+    """The connection or the process at the other end went away mid-request: whether the
+    request took effect there is unknown until someone asks again."""
+
+
 class MigrationFailed(MigrateError):
     """A migration failed and was rolled back: the container runs on the source again."""
 
     exit_code = 8
+
+
+class InDoubt(MigrateError):
+    """A migration lost the answer to its commit and could not ask the target again: the
+    container is held frozen here until `migrate recover` learns which copy is the one."""
+
+    exit_code = 9
 
 
 def error_for(exit_code: int, message: str) -> MigrateError:

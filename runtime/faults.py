@@ -1,17 +1,24 @@
 """Named failure points, for tests that prove a failure anywhere rolls back cleanly.
 
-MIGRATE_FAULTS=name[,name...] in a process's environment (points: restore, pages, commit on the
-target; page-server-ready on the source; restored in a restore's shim) makes those points raise;
+MIGRATE_FAULTS=name[,name...] in a process's environment (points: restore, pages, commit,
+commit-decided, committed on the target; page-server-ready and sent-OP after each request OP
+to the agent on the source; restored in a restore's shim) makes those points raise;
 `name:kill` makes the process die there at once (SIGKILL), as it would by the OOM killer or a
-crash, and `name:kill-parent` kills the process that started it (and waits until it is gone).
+crash, `name:kill-parent` kills the process that started it (and waits until it is gone), and
+`name:hang` stops there, answering nothing, until something arrives on its stdin or it ends
+(the agent: until the controller gives up on it), as a stalled network or host would.
 They cost one environment lookup and are inert otherwise.
 """
 
 import os
+import select
 import signal
+import sys
 import time
 
 from .errors import MigrateError
+
+HANG_LIMIT = 600.0
 
 
 def point(name: str) -> None:
@@ -23,5 +30,7 @@ def point(name: str) -> None:
         os.kill(parent, signal.SIGKILL)
         while os.path.exists(f"/proc/{parent}") and os.getppid() == parent:
             time.sleep(0.01)
+    if f"{name}:hang" in faults:
+        select.select([sys.stdin], [], [], HANG_LIMIT)
     if name in faults:
         raise MigrateError(f"injected fault at {name}")

@@ -10,7 +10,9 @@ rebooted, or a shim that was killed, leaves `running` records whose processes ar
 |---|---|---|
 | running | shim and every process gone | lost (mounts and cgroups freed) |
 | checkpointing, migrating; owner dead | processes alive, none traced by a live CRIU | running (CRIU resumed them) |
-| migrating; owner dead | processes held by a CRIU that outlived it | that CRIU is killed, so they run on |
+| migrating; owner dead | processes held by a CRIU that outlived it | that CRIU is killed, then as the rest |
+| migrating; owner dead | journal: the target committed | removed here (the target has it) |
+| migrating; owner dead | journal: commit asked, no answer | in-doubt (held frozen until `migrate recover`) |
 | checkpointing, migrating; owner dead | processes gone | lost |
 | restoring; owner dead | shim gone | lost (a half-restored tree is killed) |
 
@@ -40,6 +42,7 @@ class Facts:
     shim_alive: bool
     tree_alive: bool  # some process of the container runs (a zombie does not count)
     traced: bool  # one of them is held by a live tracer: CRIU is still at work
+    commit: str | None = None  # its migration's commit: "committed" (known here) or "asked" (answer lost)
 
 
 def decide(state: str, facts: Facts) -> tuple[str, str] | None:
@@ -63,6 +66,11 @@ def decide(state: str, facts: Facts) -> tuple[str, str] | None:
         # so it is ended.
         return ("release", "its migration died and left CRIU holding its processes") \
             if state == states.MIGRATING else None
+    if state == states.MIGRATING and facts.commit == "committed":
+        return "migrate-done", "its migration committed and died before it cleaned up here: the target has it"
+    if state == states.MIGRATING and facts.commit == "asked":
+        return ("migrate-in-doubt", "its migration died after asking the target to commit: it is held frozen "
+                "here; run `migrate recover` to ask the target which copy is the one")
     if facts.tree_alive:
         return "resumed", f"its {what} was interrupted; its processes run on"
     return "lost", f"its {what} was interrupted and its processes are gone"
@@ -87,7 +95,7 @@ def _alive(owner: dict | None) -> bool:
     return bool(owner) and not linux.proc_gone((owner.get("pid"), owner.get("start")))
 
 
-def facts_of(rec: ContainerRecord) -> Facts:
+def facts_of(rec: ContainerRecord, catalog: Catalog) -> Facts:
     owner_alive = _alive(rec.owner)
     tree = [p for p in Cgroups(rec.cgroups).pids() if linux.pid_running(p)]
     return Facts(
@@ -95,6 +103,7 @@ def facts_of(rec: ContainerRecord) -> Facts:
         shim_alive=bool(rec.shim_pid) and linux.pid_running(rec.shim_pid),
         tree_alive=bool(tree),
         traced=any(_tracer(p) for p in tree),
+        commit=(catalog.journal.commit_state(rec.name) or (None,))[0] if rec.state == states.MIGRATING else None,
     )
 
 
@@ -142,7 +151,8 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
         removed.append(f"incoming/{incoming.name}")
     for folder in sorted(root.outgoing.iterdir()) if root.outgoing.is_dir() else []:
         rec = catalog.find_container(folder.name)
-        if not (rec is not None and rec.state == states.MIGRATING and _alive(rec.owner)):
+        held = rec is not None and (rec.state == states.IN_DOUBT or rec.state == states.MIGRATING and _alive(rec.owner))
+        if not held:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"outgoing/{folder.name}")
     for folder in (root.incoming, root.outgoing):
@@ -151,22 +161,44 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
     return [f"removed what a migration that died left in {root.root}: {', '.join(removed)}"] if removed else []
 
 
-def reconcile(catalog: Catalog, release) -> list[str]:
+def end_source_copy(catalog: Catalog, name: str, discard) -> None:
+    """The target has the container: end what is left of it here (frozen or already killed by
+    CRIU), its record and folder, and close its journal."""
+    state = catalog.journal.commit_state(name)
+    discard(name)  # kills by PID: a frozen process dies of SIGKILL too
+    if state is not None:
+        catalog.journal.decide(state[1].id, "source", "committed")
+        catalog.journal.finish(state[1].id, "source")
+
+
+def reconcile(catalog: Catalog, release, discard) -> list[str]:
     """Settle every record that does not tell the truth; returns one note per change.
-    `release(name)` frees a lost container's mounts and cgroups (and kills what is left)."""
+    `release(name)` frees a lost container's mounts and cgroups (and kills what is left);
+    `discard(name)` removes every trace of one that moved."""
     notes = []
     for rec in catalog.containers():
-        verdict = decide(rec.state, facts_of(rec))
+        verdict = decide(rec.state, facts_of(rec, catalog))
         if verdict is not None and verdict[0] == "release":
             release_tracers(rec)
-            verdict = decide(rec.state, facts_of(rec))
+            verdict = decide(rec.state, facts_of(rec, catalog))
         if verdict is None or verdict[0] == "release":
             continue
         action, why = verdict
         if action == "resumed":
-            for pid in Cgroups(rec.cgroups).pids():  # a tree a dead CRIU left stopped goes on
+            cgroups = Cgroups(rec.cgroups)
+            cgroups.thaw()  # frozen just before a commit that was never asked for
+            for pid in cgroups.pids():  # a tree a dead CRIU left stopped goes on
                 if linux.proc_state(pid) == "T":
                     linux.send_signal(pid, signal.SIGCONT)
+            settled = catalog.settle(rec.name, rec, action)
+        elif action == "migrate-done":
+            settled = catalog.settle(rec.name, rec, "migrate-in-doubt")
+            if settled:
+                end_source_copy(catalog, rec.name, discard)
+                notes.append(f"{rec.name} was {rec.state}, but {why}: removed here")
+            continue
+        elif action == "migrate-in-doubt":
+            Cgroups(rec.cgroups).freeze(wait=False)  # it is already; and stays so without a CRIU
             settled = catalog.settle(rec.name, rec, action)
         else:
             settled = catalog.settle(rec.name, rec, action, pid=None, shim_pid=None)

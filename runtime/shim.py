@@ -6,6 +6,7 @@ container's stdout/stderr into its log until init exits, records the exit status
 down the container's mounts and cgroups.
 
 Run as: python -m runtime.shim start|restore NAME --status-fd FD [--snapshot DIR] [--lazy] [--tcp-close]
+        [--migration ID]
 
 It waits for one byte on stdin before it starts: a migration launches it before the freeze,
 so the interpreter's start-up is not part of the downtime. EOF instead means "not needed".
@@ -21,9 +22,10 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from . import criulogs, faults, linux, rootfs, states
+from . import criulogs, faults, journal, linux, rootfs, states
 from .cgroups import Cgroups
 from .criu import Criu, RestoreOptions, _rpc
 from .errors import CriuError, MigrateError
@@ -134,11 +136,13 @@ class Shim:
             os.close(err_w)
 
     # supervising it
-    def supervise(self, init_pid: int, fence_fd: int | None = None) -> tuple[int, bool]:
+    def supervise(self, init_pid: int, fence_fd: int | None = None,
+                  fence_holds: Callable[[], bool] = lambda: True) -> tuple[int, bool]:
         """Copy output to the log until init exits; returns init's exit code and whether the
         container was fenced: with fence_fd (the go pipe of a migration's restore), EOF there
-        before the commit byte means whoever restored it is gone before the source let go, so
-        this copy must not run on (the source resumes): the tree is killed at once."""
+        before the commit byte means whoever restored it is gone: unless `fence_holds()` says
+        the migration committed meanwhile (the agent decided, then died before telling us),
+        this copy must not run on (the source resumes), and the tree is killed at once."""
         log = os.open(self.dir / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         sel = selectors.DefaultSelector()
         for fd in self.readers:
@@ -153,9 +157,10 @@ class Shim:
             for key, _ in sel.select(timeout=0.1):
                 if key.fd == fence_fd:
                     sel.unregister(fence_fd)
-                    if os.read(fence_fd, 1) != COMMIT:
+                    if os.read(fence_fd, 1) != COMMIT and fence_holds():
                         fenced = True
                         self.cgroups.kill()
+                    fence_fd = None
                     continue
                 data = os.read(key.fd, 65536)
                 if data:
@@ -172,6 +177,8 @@ class Shim:
         while exit_code is None:
             exit_code = _reap(init_pid)
             time.sleep(0.05)
+        if fence_fd is not None and not fenced:  # it ended before the commit: no commit may follow
+            fenced = fence_holds()
         _reap_all()
         os.close(log)
         return exit_code, fenced
@@ -221,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshot", type=Path)
     ap.add_argument("--lazy", action="store_true", help="memory pages come from `criu lazy-pages`")
     ap.add_argument("--tcp-close", action="store_true", help="restore connections to the outside closed")
-    ap.add_argument("--fenced", action="store_true",
-                    help="a migration's restore: kill the container if the go pipe ends before a commit byte")
+    ap.add_argument("--migration", metavar="ID",
+                    help="a migration's restore, fenced: the container is killed if the go pipe ends "
+                         "before a commit byte, unless the journal says that migration committed")
     args = ap.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         # a handler, not SIG_IGN: ignored signals would be inherited by criu and the container
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     # container then sees the end of its go pipe at once in supervise() and is killed there
     faults.point("restored")
     _report(status, {"ok": True, "pid": pid})
-    code, fenced = shim.supervise(pid, fence_fd=sys.stdin.fileno() if args.fenced else None)
+    code, fenced = shim.supervise(pid, fence_fd=sys.stdin.fileno() if args.migration else None,
+                                  fence_holds=lambda: _abort_unless_committed(catalog, args.name, args.migration))
     _safe(shim.teardown)
     if fenced:  # it never became this host's container: no record, no folder remains of it
         if catalog.remove_if_state(args.name, states.RUNNING):
@@ -272,6 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     catalog.update_if_state(args.name, states.RUNNING, state=states.EXITED, exit_code=code,
                             finished=time.time(), pid=None, shim_pid=None)
     return 0
+
+
+def _abort_unless_committed(catalog: Catalog, name: str, migration: str) -> bool:
+    """The journal's one decision, taken here if nobody took it yet: True when the migration is
+    (now) aborted and this copy must go. A commit its agent decided and did not live to tell
+    us about is completed here."""
+    if catalog.journal.decide(migration, journal.TARGET, journal.ABORTED) != journal.COMMITTED:
+        return True
+    catalog.set_fields(name, migration=None)
+    catalog.journal.finish(migration, journal.TARGET)
+    return False
 
 
 def _report(status, verdict: dict) -> None:

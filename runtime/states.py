@@ -14,8 +14,11 @@ CHECKPOINTED = "checkpointed"    # stopped with a complete snapshot that can be 
 RESTORING = "restoring"      # CRIU is bringing it back
 MIGRATING = "migrating"      # from the end of preflight until the source is cleaned up or rolled back
 LOST = "lost"                # its processes and its shim are gone without a recorded exit (crash, kill)
+# a migration lost the target's answer to its commit and could not ask again: the processes are
+# held frozen here until `migrate recover` learns from the target which copy is the container
+IN_DOUBT = "in-doubt"
 
-ALL = (CREATED, RUNNING, EXITED, CHECKPOINTING, CHECKPOINTED, RESTORING, MIGRATING, LOST)
+ALL = (CREATED, RUNNING, EXITED, CHECKPOINTING, CHECKPOINTED, RESTORING, MIGRATING, LOST, IN_DOUBT)
 # states an operation holds: the record names the process doing it (its owner)
 TRANSIENT = frozenset({CHECKPOINTING, RESTORING, MIGRATING})
 
@@ -31,10 +34,12 @@ _ACTIONS: dict[str, tuple[frozenset[str], str]] = {
     "restore-done": (frozenset({RESTORING}), RUNNING),
     "migrate": (frozenset({RUNNING}), MIGRATING),
     "migrate-rolled-back": (frozenset({MIGRATING}), RUNNING),
+    "migrate-in-doubt": (frozenset({MIGRATING}), IN_DOUBT),
+    "recover-kept": (frozenset({IN_DOUBT}), RUNNING),  # the target never committed: it runs here again
     "stop": (frozenset({RUNNING}), RUNNING),
     "remove": (frozenset({CREATED, EXITED, CHECKPOINTED, LOST}), "removed"),
     # found by reconcile (runtime/reconcile.py), from facts rather than from the operation itself
-    "lost": (frozenset({RUNNING, CHECKPOINTING, RESTORING, MIGRATING}), LOST),
+    "lost": (frozenset({RUNNING, CHECKPOINTING, RESTORING, MIGRATING, IN_DOUBT}), LOST),
     "resumed": (frozenset({CHECKPOINTING, MIGRATING}), RUNNING),
     "exec": (frozenset({RUNNING}), RUNNING),
 }
@@ -46,7 +51,8 @@ def check(action: str, state: str, name: str = "container") -> str:
     """Return the state after `action`, or raise Conflict with a message a user understands."""
     allowed, after = _ACTIONS[action]
     if state not in allowed:
-        raise Conflict(f"cannot {action.split('-')[0]} {name}: it is {state}")
+        hint = f"; run `migrate recover {name}`" if state == IN_DOUBT else ""
+        raise Conflict(f"cannot {action.split('-')[0]} {name}: it is {state}{hint}")
     return after
 
 

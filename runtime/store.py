@@ -7,12 +7,13 @@ State changes are conditional UPDATEs, so two writers can never both win a trans
 import json
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import states
+from . import journal, states
 from .errors import Conflict, NotFound
 from .linux import proc_identity
 from .spec import ContainerSpec
@@ -53,6 +54,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
 _MIGRATIONS = (
     # the process holding a transient state: {"pid": N, "start": TICKS}, so a dead one is a fact
     "ALTER TABLE containers ADD COLUMN owner TEXT",
+    # version 2: the migration journal (runtime/journal.py), and on a migration's target the id
+    # of the migration whose uncommitted copy a record is
+    *journal.SCHEMA,
+    "ALTER TABLE containers ADD COLUMN migration TEXT",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -80,6 +85,7 @@ class ContainerRecord:
     finished: float | None
     exit_code: int | None
     owner: dict | None = None  # {"pid", "start"} of the process holding a transient state
+    migration: str | None = None  # on a migration's target, until its commit: that migration's id
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,14 @@ class Catalog:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
-        self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        # a migration journals from CRIU's notification thread too: transactions take a lock
+        self._db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed write survives a power cut
         self._migrate()
+        self.journal = journal.Journal(self._db, self.transaction)
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION in one transaction (several processes may race)."""
@@ -121,13 +131,14 @@ class Catalog:
 
     @contextmanager
     def transaction(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # images
     def add_image(self, rec: ImageRecord) -> None:
@@ -268,7 +279,7 @@ class Catalog:
 
 
 _CONTAINER_COLUMNS = frozenset({"state", "spec", "pid", "shim_pid", "cgroups", "started", "finished", "exit_code",
-                                "owner"})
+                                "owner", "migration"})
 _JSON_COLUMNS = frozenset({"cgroups", "owner"})
 
 
@@ -296,7 +307,7 @@ def _container(row) -> ContainerRecord:
         name=row["name"], state=row["state"], spec=ContainerSpec.from_json(row["spec"]), pid=row["pid"],
         shim_pid=row["shim_pid"], cgroups=json.loads(row["cgroups"]), created=row["created"],
         started=row["started"], finished=row["finished"], exit_code=row["exit_code"],
-        owner=json.loads(row["owner"]) if row["owner"] else None,
+        owner=json.loads(row["owner"]) if row["owner"] else None, migration=row["migration"],
     )
 
 

@@ -9,14 +9,15 @@ import pytest
 
 from migrate.agent import Agent
 from migrate.controller import Agent as AgentHandle
-from runtime import criulogs
+from runtime import criulogs, journal
 from runtime.container import Runtime
-from runtime.errors import Conflict, CriuError, RemoteError
+from runtime.errors import Conflict, CriuError, InvalidInput, RemoteError
 from runtime.paths import StateRoot
 from runtime.spec import ContainerSpec
 from runtime.store import ImageRecord
 
 L0, L1, L2 = ("sha256:" + c * 64 for c in "abc")
+MID = "0123456789abcdef"
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def put_layer(folder: Path, digest: str) -> None:
 
 
 def prepare_with_layers(agent: Agent, digests) -> dict:
-    prep = agent.handle({"op": "prepare", "name": "c1", "volumes": []})
+    prep = agent.handle({"op": "prepare", "name": "c1", "migration": MID, "volumes": []})
     for d in digests:
         put_layer(Path(prep["staging"]), d)
     return prep
@@ -110,16 +111,67 @@ def test_a_commit_keeps_the_layers_and_tells_the_fenced_shim(rt, agent):
     assert rt.layers.digests() == [L1] and not agent.shims[0].cancelled
 
 
-def test_a_copy_that_died_after_its_restore_is_not_committed(rt, agent):
+@pytest.mark.parametrize("fields, message", [
+    ({"pid": 2 ** 22 + 1}, "restored here but no longer runs: running"),  # no such process
+    ({"state": "exited", "exit_code": 132, "pid": None}, r"no longer runs: exited \(exit code 132\)"),
+])
+def test_a_copy_that_died_after_its_restore_is_not_committed(rt, agent, fields, message):
     prepare_with_layers(agent, (L1,))
     agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
-    restored_running(rt, agent, 2 ** 22 + 1)  # no such process
-    with pytest.raises(Conflict, match="restored here but no longer runs"):
-        agent.handle({"op": "commit", "name": "c1"})
+    restored_running(rt, agent, os.getpid())
+    rt.catalog.set_fields("c1", **fields)
+    with pytest.raises(Conflict, match=message):
+        agent.handle({"op": "commit", "name": "c1", "migration": MID})
     assert not agent.shims[0].committed
-    rt.catalog.set_fields("c1", state="exited", exit_code=132, pid=None)
-    with pytest.raises(Conflict, match=r"exited \(exit code 132\)"):
-        agent.handle({"op": "commit", "name": "c1"})
+    # decided: no later commit can make it the container
+    assert rt.catalog.journal.get(MID, journal.TARGET).outcome == journal.ABORTED
+    with pytest.raises(Conflict, match="aborted here"):
+        agent.handle({"op": "commit", "name": "c1", "migration": MID})
+    rt.catalog.set_fields("c1", state="exited", pid=None)  # as its fenced shim would leave it
+
+
+def test_a_commit_is_the_journals_decision_and_a_later_resolve_reads_it(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    restored_running(rt, agent, os.getpid())
+    assert rt.catalog.container("c1").migration == MID  # an uncommitted copy of that migration
+    agent.handle({"op": "commit", "name": "c1", "migration": MID})
+    row = rt.catalog.journal.get(MID, journal.TARGET)
+    assert row.outcome == journal.COMMITTED and row.finished is not None
+    assert rt.catalog.container("c1").migration is None
+    steps = [(e.step, e.event) for e in rt.catalog.journal.entries(MID, journal.TARGET)]
+    assert steps[0] == ("prepare", "done") and steps[-2:] == [("commit", "begin"), ("commit", "done")]
+    assert Agent(rt).handle({"op": "resolve", "migration": MID}) == {"outcome": "committed", "known": True}
+
+
+def test_a_resolve_before_the_commit_aborts_and_the_commit_is_then_refused(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    restored_running(rt, agent, os.getpid())
+    other = Agent(rt)  # the source asks on a new connection while the first agent still lives
+    answer = other.handle({"op": "resolve", "migration": MID})
+    assert answer == {"outcome": "aborted", "known": True}
+    with pytest.raises(Conflict, match="aborted here"):
+        agent.handle({"op": "commit", "name": "c1", "migration": MID})
+    assert not agent.shims[0].committed
+
+
+def test_a_migration_this_host_never_heard_of_resolves_as_aborted(agent):
+    assert agent.handle({"op": "resolve", "migration": "feedfacefeedface"}) == {"outcome": "aborted",
+                                                                                "known": False}
+    with pytest.raises(InvalidInput):
+        agent.handle({"op": "resolve", "migration": "../x"})
+
+
+def test_no_commit_within_the_deadline_aborts_the_copy_by_itself(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    restored_running(rt, agent, os.getpid())
+    agent._commit_within(agent.pending, {"commit_within": 0.05})
+    agent.pending.deadline.join(5)
+    assert rt.catalog.journal.get(MID, journal.TARGET).outcome == journal.ABORTED
+    with pytest.raises(Conflict, match="aborted here"):
+        agent.handle({"op": "commit", "name": "c1", "migration": MID})
 
 
 def test_preload_keeps_the_first_start_time(rt, agent):

@@ -13,8 +13,8 @@ from runtime.spec import ContainerSpec
 from runtime.store import SCHEMA_VERSION, Catalog
 
 
-def facts(owner=False, shim=False, tree=False, traced=False) -> Facts:
-    return Facts(owner_alive=owner, shim_alive=shim, tree_alive=tree, traced=traced)
+def facts(owner=False, shim=False, tree=False, traced=False, commit=None) -> Facts:
+    return Facts(owner_alive=owner, shim_alive=shim, tree_alive=tree, traced=traced, commit=commit)
 
 
 def test_a_running_record_without_shim_or_processes_is_lost():
@@ -43,13 +43,32 @@ def test_a_criu_that_outlived_its_operation():
     assert decide(states.MIGRATING, facts(owner=True, shim=True, tree=True, traced=True)) is None
 
 
+def test_a_migration_that_died_in_its_commit_follows_the_journal():
+    # asked, answer unknown: held, whatever its processes do, until recover asks the target
+    for tree in (True, False):
+        assert decide(states.MIGRATING, facts(shim=True, tree=tree, commit="asked"))[0] == "migrate-in-doubt"
+    # the target's yes is known here: only the cleanup was left
+    assert decide(states.MIGRATING, facts(shim=True, tree=True, commit="committed"))[0] == "migrate-done"
+    # a CRIU still holding it is ended first (the tree is frozen by its cgroup meanwhile)
+    assert decide(states.MIGRATING, facts(shim=True, tree=True, traced=True, commit="asked"))[0] == "release"
+    assert decide(states.MIGRATING, facts(owner=True, tree=True, commit="asked")) is None
+    assert decide(states.IN_DOUBT, facts(tree=True)) is None  # only recover, which asks the peer, settles it
+
+
+def test_in_doubt_is_left_only_by_recover():
+    assert states.check("recover-kept", states.IN_DOUBT) == states.RUNNING
+    for action in ("stop", "checkpoint", "migrate", "exec", "remove", "restore"):
+        with pytest.raises(Exception, match="run `migrate recover c1`"):
+            states.check(action, states.IN_DOUBT, "c1")
+
+
 def test_an_interrupted_restore_waits_for_its_shim():
     assert decide(states.RESTORING, facts(shim=True, tree=True)) is None
     assert decide(states.RESTORING, facts())[0] == "lost"
     assert decide(states.RESTORING, facts(tree=True))[0] == "lost"
 
 
-@pytest.mark.parametrize("state", [states.CREATED, states.EXITED, states.CHECKPOINTED, states.LOST])
+@pytest.mark.parametrize("state", [states.CREATED, states.EXITED, states.CHECKPOINTED, states.LOST, states.IN_DOUBT])
 def test_settled_states_stay(state):
     assert decide(state, facts()) is None
 

@@ -1,0 +1,58 @@
+"""The steps of a migration, as data: what each does, whether the source is frozen during it,
+who owns the container once it is done, and what undoes it (or what `migrate recover` does
+when a process died there). The controller journals these names; the README's account of a
+migration is `python -m migrate.steps`.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    does: str
+    frozen: bool
+    owner: str  # who owns the container once the step is done
+    undo: str  # how a failure in it, or the death of a process during it, is undone
+
+
+STEPS = (
+    Step("preflight", "both hosts' facts compared: CRIU, kernel, CPU, free space, name, ports, holdings",
+         False, "source", "nothing to undo"),
+    Step("prepare", "the target makes its incoming folder (with an owner file naming its agent)",
+         False, "source", "the agent removes it; if the agent died, the next command on the target does"),
+    Step("layers", "image layers the target lacks, rsynced into staging and adopted",
+         False, "source", "the layers this migration brought are removed unless something uses them"),
+    Step("upper sync", "the container's own files, rsynced while it runs",
+         False, "source", "the incoming folder is removed"),
+    Step("preload", "the target writes the record and starts a fenced shim, idle",
+         False, "source", "the record is removed, the shim told to exit"),
+    Step("checkpoint", "CRIU dumps the container; from here the source is frozen",
+         True, "source", "CRIU resumes the source; if the controller died, the next command here does"),
+    Step("final sync", "CRIU's images and the last changes of the files, in one rsync run",
+         True, "source", "as checkpoint"),
+    Step("restore", "the target restores; its copy runs fenced (killed if its agent goes, or if no "
+         "commit arrives within the freeze deadline)",
+         True, "source", "the target's copy is ended (by the agent, its fence or its deadline) before the "
+         "source resumes"),
+    Step("memory pages", "lazy mode: the target's copy runs and fetches the memory it touches; the rest streams",
+         True, "source", "the target's copy is killed (it must not run without its pages); the source resumes"),
+    Step("commit", "the source is frozen by its cgroup too; the target checks its copy, writes `committed` "
+         "in its journal (durable) and tells its shim",
+         True, "target", "a lost answer is asked for again on a new connection; if the target cannot be "
+         "reached, the source stays frozen (`in-doubt`) until `migrate recover` learns the outcome"),
+    Step("cleanup", "CRIU ends the source's tree; its record, folders, mounts and cgroups go",
+         False, "target", "`migrate recover` (or the next command here) finishes it"),
+)
+NAMES = frozenset(s.name for s in STEPS)
+
+
+def markdown() -> str:
+    rows = ["| step | what happens | source frozen | owner after | if it fails or a process dies |",
+            "|---|---|---|---|---|"]
+    rows += [f"| {s.name} | {s.does} | {'yes' if s.frozen else 'no'} | {s.owner} | {s.undo} |" for s in STEPS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())
