@@ -20,7 +20,7 @@ from .cgroups import Cgroups
 from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
 from .paths import StateRoot
-from .reconcile import reconcile, sweep_transfers
+from .reconcile import reconcile, sweep_snapshots, sweep_transfers
 from .shim import COMMIT, container_env
 from .spec import ContainerSpec, Limits, Volume, validate_name
 from .store import Catalog, ContainerRecord
@@ -53,9 +53,11 @@ class Runtime:
         self.catalog.close()
 
     def reconcile(self) -> list[str]:
-        """Settle records that operations which died left behind, and remove their migration
-        folders (runtime/reconcile.py)."""
-        return reconcile(self.catalog, self.release, self.discard) + sweep_transfers(self.root, self.catalog)
+        """Settle records that operations which died left behind: adopt the snapshots they
+        published, remove their unfinished folders (runtime/reconcile.py)."""
+        notes = sweep_snapshots(self.root, self.catalog)
+        notes += reconcile(self.root, self.catalog, self.release, self.discard)
+        return notes + sweep_transfers(self.root, self.catalog)
 
     # creating and starting
     def build_spec(self, req: RunRequest) -> ContainerSpec:

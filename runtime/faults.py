@@ -2,7 +2,8 @@
 
 MIGRATE_FAULTS=name[,name...] in a process's environment (points: restore, pages, commit,
 commit-decided, committed on the target; page-server-ready and sent-OP after each request OP
-to the agent on the source; restored in a restore's shim) makes those points raise;
+to the agent on the source; restored in a restore's shim; checkpoint-written,
+checkpoint-published, checkpoint-dumped in `checkpoint`) makes those points raise;
 `name:kill` makes the process die there at once (SIGKILL), as it would by the OOM killer or a
 crash, `name:kill-parent` kills the process that started it (and waits until it is gone), and
 `name:hang` stops there, answering nothing, until something arrives on its stdin or it ends

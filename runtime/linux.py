@@ -6,6 +6,7 @@ Raising OSError with errno like the os module does keeps callers uniform.
 import ctypes
 import ctypes.util
 import os
+import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -125,6 +126,22 @@ def mounts_under(prefix: str) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return sorted(found, key=len, reverse=True)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Every regular file and folder below path on disk (before what they replace goes)."""
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # a symlink, a socket, a device node: nothing of ours to flush
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

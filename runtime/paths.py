@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ROOT = Path("/var/lib/migrate")
+PARTIAL_PREFIX = ".partial-"  # snapshots/.partial-ID: a checkpoint still writing (or one that died)
+SNAPSHOT_META = "snapshot.json"  # in a published snapshot: its catalog row, so it can be adopted
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class StateRoot:
 
     def snapshot_dir(self, snapshot_id: str) -> Path:
         return self.snapshots / snapshot_id
+
+    def partial_snapshot_dir(self, snapshot_id: str) -> Path:
+        """Where a checkpoint writes before it publishes the snapshot (one rename to snapshot_dir)."""
+        return self.snapshots / f"{PARTIAL_PREFIX}{snapshot_id}"
 
     @property
     def cgroup_parent(self) -> str:

@@ -13,6 +13,7 @@ rebooted, or a shim that was killed, leaves `running` records whose processes ar
 | migrating; owner dead | processes held by a CRIU that outlived it | that CRIU is killed, then as the rest |
 | migrating; owner dead | journal: the target committed | removed here (the target has it) |
 | migrating; owner dead | journal: commit asked, no answer | in-doubt (held frozen until `migrate recover`) |
+| checkpointing; owner dead | processes gone, its snapshot published | checkpointed (the snapshot is adopted) |
 | checkpointing, migrating; owner dead | processes gone | lost |
 | restoring; owner dead | shim gone | lost (a half-restored tree is killed) |
 
@@ -32,8 +33,11 @@ from pathlib import Path
 
 from . import linux, states
 from .cgroups import Cgroups
-from .paths import StateRoot
-from .store import Catalog, ContainerRecord, own_identity
+from .paths import PARTIAL_PREFIX, SNAPSHOT_META, StateRoot
+from .spec import ContainerSpec
+from .store import Catalog, ContainerRecord, SnapshotRecord, own_identity
+
+OWNER_FILE = "owner.json"  # in a folder an operation is writing: the process doing it
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Facts:
     tree_alive: bool  # some process of the container runs (a zombie does not count)
     traced: bool  # one of them is held by a live tracer: CRIU is still at work
     commit: str | None = None  # its migration's commit: "committed" (known here) or "asked" (answer lost)
+    published: bool = False  # its checkpoint published the snapshot: CRIU's dump was through
 
 
 def decide(state: str, facts: Facts) -> tuple[str, str] | None:
@@ -66,6 +71,8 @@ def decide(state: str, facts: Facts) -> tuple[str, str] | None:
         # so it is ended.
         return ("release", "its migration died and left CRIU holding its processes") \
             if state == states.MIGRATING else None
+    if state == states.CHECKPOINTING and facts.published and not facts.tree_alive:
+        return "checkpoint-done-stopped", "its checkpoint died after the snapshot was complete"
     if state == states.MIGRATING and facts.commit == "committed":
         return "migrate-done", "its migration committed and died before it cleaned up here: the target has it"
     if state == states.MIGRATING and facts.commit == "asked":
@@ -95,7 +102,7 @@ def _alive(owner: dict | None) -> bool:
     return bool(owner) and not linux.proc_gone((owner.get("pid"), owner.get("start")))
 
 
-def facts_of(rec: ContainerRecord, catalog: Catalog) -> Facts:
+def facts_of(rec: ContainerRecord, catalog: Catalog, root: StateRoot) -> Facts:
     owner_alive = _alive(rec.owner)
     tree = [p for p in Cgroups(rec.cgroups).pids() if linux.pid_running(p)]
     return Facts(
@@ -104,6 +111,8 @@ def facts_of(rec: ContainerRecord, catalog: Catalog) -> Facts:
         tree_alive=bool(tree),
         traced=any(_tracer(p) for p in tree),
         commit=(catalog.journal.commit_state(rec.name) or (None,))[0] if rec.state == states.MIGRATING else None,
+        published=rec.state == states.CHECKPOINTING and bool((rec.owner or {}).get("snapshot")) and (
+            root.snapshot_dir(str(rec.owner["snapshot"])) / SNAPSHOT_META).exists(),
     )
 
 
@@ -124,11 +133,59 @@ def owner_file(incoming: Path) -> Path:
     return incoming.with_name(incoming.name + ".owner")
 
 
+def write_owner(path: Path, **extra) -> None:
+    """This process as the owner of what `path` names (atomically: a reader sees all or nothing)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**own_identity(), **extra}))
+    os.rename(tmp, path)
+
+
 def write_transfer_owner(incoming: Path, staging: Path) -> None:
     """Beside a migration's incoming folder: the agent that owns it and its layer staging folder."""
-    tmp = owner_file(incoming).with_suffix(".tmp")
-    tmp.write_text(json.dumps({**own_identity(), "staging": str(staging)}))
-    os.rename(tmp, owner_file(incoming))
+    write_owner(owner_file(incoming), staging=str(staging))
+
+
+def adopt_snapshot(catalog: Catalog, sdir: Path) -> SnapshotRecord:
+    """The catalog row of a published snapshot folder, from its snapshot.json (added if missing)."""
+    meta = json.loads((sdir / SNAPSHOT_META).read_text())
+    if meta["id"] != sdir.name:
+        raise ValueError(f"{sdir} holds snapshot {meta['id']}")
+    existing = [s for s in catalog.snapshots(meta["container"]) if s.id == meta["id"]]
+    if existing:
+        return existing[0]
+    tag = meta.get("tag")
+    if tag and any(s.tag == tag for s in catalog.snapshots(meta["container"])):
+        tag = None  # taken meanwhile by another snapshot: adopted untagged
+    snap = SnapshotRecord(meta["id"], meta["container"], tag, float(meta["created"]),
+                          ContainerSpec.from_json(json.dumps(meta["spec"])), meta["criu_version"], int(meta["size"]))
+    catalog.add_snapshot(snap)
+    return snap
+
+
+def sweep_snapshots(root: StateRoot, catalog: Catalog) -> list[str]:
+    """Snapshots a checkpoint published but did not live to register are adopted; folders of
+    checkpoints that died before publishing are removed (they are incomplete by construction)."""
+    notes = []
+    known = {s.id for s in catalog.snapshots()}
+    for folder in sorted(root.snapshots.iterdir()) if root.snapshots.is_dir() else []:
+        if folder.name.startswith(PARTIAL_PREFIX):
+            try:
+                owner = json.loads((folder / OWNER_FILE).read_text())
+            except (OSError, ValueError):
+                owner = None  # its owner file is written before anything else: it never began
+            if not _alive(owner):
+                shutil.rmtree(folder, ignore_errors=True)
+                notes.append(f"removed the unfinished snapshot {folder.name[len(PARTIAL_PREFIX):]} "
+                             "of a checkpoint that died")
+        elif folder.name not in known and (folder / SNAPSHOT_META).exists():
+            try:
+                snap = adopt_snapshot(catalog, folder)
+            except (OSError, ValueError, KeyError) as e:
+                notes.append(f"snapshot folder {folder} is not readable ({e}): left alone")
+                continue
+            notes.append(f"adopted snapshot {snap.id} of {snap.container}, complete but not recorded by the "
+                         "checkpoint that wrote it")
+    return notes
 
 
 def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
@@ -171,16 +228,16 @@ def end_source_copy(catalog: Catalog, name: str, discard) -> None:
         catalog.journal.finish(state[1].id, "source")
 
 
-def reconcile(catalog: Catalog, release, discard) -> list[str]:
+def reconcile(root: StateRoot, catalog: Catalog, release, discard) -> list[str]:
     """Settle every record that does not tell the truth; returns one note per change.
     `release(name)` frees a lost container's mounts and cgroups (and kills what is left);
     `discard(name)` removes every trace of one that moved."""
     notes = []
     for rec in catalog.containers():
-        verdict = decide(rec.state, facts_of(rec, catalog))
+        verdict = decide(rec.state, facts_of(rec, catalog, root))
         if verdict is not None and verdict[0] == "release":
             release_tracers(rec)
-            verdict = decide(rec.state, facts_of(rec, catalog))
+            verdict = decide(rec.state, facts_of(rec, catalog, root))
         if verdict is None or verdict[0] == "release":
             continue
         action, why = verdict

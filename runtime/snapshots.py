@@ -21,9 +21,11 @@ from .cgroups import Cgroups
 from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
 from .errors import CriuError, MigrateError, NotFound
+from .paths import SNAPSHOT_META
+from .reconcile import OWNER_FILE, adopt_snapshot, write_owner
 from .shim import CHECKPOINT_META
 from .spec import ContainerSpec, validate_name
-from .store import ContainerRecord, SnapshotRecord
+from .store import ContainerRecord, SnapshotRecord, own_identity
 
 SPEC_FILE = "spec.json"
 UPPER_SNAPSHOT = "upper.snapshot"  # in a stopped container's folder: the snapshot its upper dir is
@@ -117,7 +119,7 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
     on_criu gets the PID of the dumping criu: killing it is the last resort to resume a tree it
     holds frozen.
     """
-    sdir.mkdir(mode=0o700)
+    sdir.mkdir(mode=0o700, exist_ok=True)
     (sdir / "images").mkdir(mode=0o700)
     (sdir / SPEC_FILE).write_text(rec.spec.to_json())
     (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid)}))
@@ -146,47 +148,77 @@ class Snapshots:
         self.root = runtime.root
 
     def checkpoint(self, name: str, leave_running: bool = False, tag: str | None = None) -> SnapshotRecord:
+        """Dump NAME into a new snapshot. It is written aside (snapshots/.partial-ID) and
+        published by one rename while the tree is still frozen, after every file is on disk:
+        so a snapshot exists only complete, before the tree it holds is ended, and once CRIU's
+        dump is through it is never deleted (a checkpoint that dies later leaves it to be
+        adopted by the next command, runtime/reconcile.py)."""
         if tag is not None:
             validate_name(tag, "tag")
             self.catalog.require_free_tag(name, tag)  # before the dump, not after it
         blocker = dump_blocker(self.catalog.container(name))
         if blocker:
             raise CriuError(f"cannot checkpoint {name}: {blocker}")
-        rec = self.catalog.transition(name, "checkpoint")
         snapshot_id = secrets.token_hex(6)
-        sdir = self.root.snapshot_dir(snapshot_id)
+        rec = self.catalog.transition(name, "checkpoint", owner={**own_identity(), "snapshot": snapshot_id})
+        final = self.root.snapshot_dir(snapshot_id)
+        partial = self.root.partial_snapshot_dir(snapshot_id)
+        meta = {"id": snapshot_id, "container": name, "tag": tag, "criu_version": Criu().version()}
         try:
-            self._dump(rec, sdir, leave_running)
-            if not leave_running and not self.rt.wait_for_exit(name, 60):
-                raise MigrateError(f"the shim of {name} did not exit after the checkpoint")
+            self._dump(rec, partial, final, leave_running, meta)
         except BaseException as e:
-            # CRIU's log is in sdir, which goes now: the error names a kept copy instead
+            if final.exists():  # CRIU's dump was through: what failed after must not cost the snapshot
+                snap = self.adopt(final)
+                alive = bool(Cgroups(rec.cgroups).pids())
+                self.catalog.transition(name, "checkpoint-failed" if alive else "checkpoint-done-stopped",
+                                        **({} if alive else {"pid": None, "shim_pid": None, "finished": time.time()}))
+                raise MigrateError(f"the checkpoint of {name} failed after its snapshot {snap.id} was complete "
+                                   f"(kept): {e}") from None
+            # CRIU's log is in the partial folder, which goes now: the error names a kept copy instead
             failure = criulogs.keep_failed(self.root, name, e) if isinstance(e, CriuError) else e
-            shutil.rmtree(sdir, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
             self.catalog.transition(name, "checkpoint-failed")
             if failure is not e:
                 raise failure from None
             raise
-        snap = SnapshotRecord(snapshot_id, name, tag, time.time(), rec.spec, Criu().version(), tree_size(sdir))
-        self.catalog.add_snapshot(snap)
+        faults.point("checkpoint-dumped")  # CRIU returned: the tree is ended (unless left running)
+        snap = self.adopt(final)
         if leave_running:
             self.catalog.transition(name, "checkpoint-done-running")
-        else:
-            _mark_upper_snapshot(self.root.container_dir(name), snapshot_id)
-            self.catalog.transition(name, "checkpoint-done-stopped", pid=None, shim_pid=None, finished=time.time())
+            return snap
+        shim_gone = self.rt.wait_for_exit(name, 60)
+        _mark_upper_snapshot(self.root.container_dir(name), snapshot_id)
+        self.catalog.transition(name, "checkpoint-done-stopped", pid=None, shim_pid=None, finished=time.time())
+        if not shim_gone:
+            raise MigrateError(f"{name} is checkpointed as {snapshot_id}, but its shim did not exit")
         return snap
 
-    def _dump(self, rec: ContainerRecord, sdir: Path, leave_running: bool) -> None:
-        """CRIU dump into sdir; the upper dir and log are copied while the tree is still frozen."""
+    def adopt(self, sdir: Path) -> SnapshotRecord:
+        """The catalog row of a published snapshot folder (from its snapshot.json)."""
+        return adopt_snapshot(self.catalog, sdir)
+
+    def _dump(self, rec: ContainerRecord, partial: Path, final: Path, leave_running: bool, meta: dict) -> None:
+        """CRIU dump into `partial`; while the tree is still frozen, the upper dir and log are
+        copied, everything is synced, and the folder is renamed to `final`."""
         cdir = self.root.container_dir(rec.name)
 
-        def copy_files() -> None:
-            copy_tree(cdir / "upper", sdir / "upper")
+        def publish() -> None:
+            copy_tree(cdir / "upper", partial / "upper")
             if (cdir / "container.log").exists():
-                shutil.copy2(cdir / "container.log", sdir / "container.log")
+                shutil.copy2(cdir / "container.log", partial / "container.log")
+            faults.point("checkpoint-written")
+            spec = json.loads((partial / SPEC_FILE).read_text())
+            (partial / SNAPSHOT_META).write_text(json.dumps({**meta, "created": time.time(), "spec": spec,
+                                                             "size": tree_size(partial)}))
+            linux.fsync_tree(partial)
+            os.rename(partial, final)
+            linux.fsync_dir(final.parent)
+            faults.point("checkpoint-published")
 
         self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
-        dump(rec, sdir, leave_running, copy_files)
+        partial.mkdir(mode=0o700)
+        write_owner(partial / OWNER_FILE)
+        dump(rec, partial, leave_running, publish)
 
     def restore(self, name: str, ref: str | None = None, new_name: str | None = None,
                 tcp_close: bool = False) -> ContainerRecord:
@@ -275,6 +307,14 @@ class Snapshots:
         return self.catalog.snapshots(name)
 
     def remove(self, snapshot_id: str) -> None:
+        """The row first, then the folder, renamed aside before it is deleted: interrupted, it
+        is either still whole (and adopted again) or an unfinished folder that the next
+        command removes, never a row naming half a snapshot."""
         snap = self.catalog.snapshot(snapshot_id)
-        shutil.rmtree(self.root.snapshot_dir(snap.id), ignore_errors=True)
         self.catalog.remove_snapshot(snap.id)
+        trash = self.root.partial_snapshot_dir(snap.id)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.root.snapshot_dir(snap.id), trash)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(trash / OWNER_FILE)  # whoever wrote it is no owner of the trash
+        shutil.rmtree(trash, ignore_errors=True)

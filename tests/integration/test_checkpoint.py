@@ -340,3 +340,35 @@ def test_started_stays_the_first_start_across_checkpoint_and_restore(bb):
     # a copy under a new name is a container of its own: it started when it was restored
     restore(bb, "--name", "c2", "c1")
     assert bb.container("c2")["started"] > started
+
+
+@pytest.mark.parametrize("fault,settles_as", [
+    ("checkpoint-written", "running"),  # frozen, files copied, not published: gone, the tree runs on
+    ("checkpoint-published", "running"),  # published in the freeze, then CRIU lets the tree go: kept
+    ("checkpoint-dumped", "checkpointed"),  # the tree ended by CRIU, the row never written: adopted
+])
+def test_a_checkpoint_killed_anywhere_leaves_a_whole_snapshot_or_none(bb, fault, settles_as):
+    """Once CRIU's dump is through, the snapshot is never lost: a checkpoint SIGKILLed after it
+    published leaves a folder the next command adopts; one killed before leaves nothing."""
+    bb.ok("run", "--name", "c1", IMAGE, "sh", "-c", COUNTER)
+    bb.wait_count("c1", 3)
+    r = bb.run("checkpoint", "c1", env={"MIGRATE_FAULTS": f"{fault}:kill"})
+    assert r.rc == -signal.SIGKILL, str(r)
+    wait_until(lambda: bb.container("c1")["state"] == settles_as, 30, f"c1 to settle as {settles_as}")
+    snaps = bb.json("snapshots", "c1")
+    folders = sorted(p.name for p in bb.state.snapshots.iterdir()) if bb.state.snapshots.is_dir() else []
+    if fault == "checkpoint-written":
+        assert snaps == [] and folders == [], folders  # the unfinished folder is swept
+        nums = bb.wait_count("c1", len(counter_numbers(bb.logs("c1"))) + 3)
+        assert_consecutive(nums)
+        bb.ok("stop", "c1")
+        bb.ok("rm", "c1")
+        return
+    assert [s["id"] for s in snaps] == folders and len(folders) == 1, (snaps, folders)
+    # the snapshot is whole: it restores (as a new container where c1 ran on past it)
+    name = "c2" if settles_as == "running" else "c1"
+    restore(bb, "c1", "--snapshot", snaps[0]["id"], *(["--name", name] if name != "c1" else []))
+    nums = bb.wait_count(name, len(counter_numbers(bb.logs(name))) + 3)
+    assert_consecutive(nums)
+    for n in {"c1", name}:
+        bb.ok("rm", "-f", n)

@@ -155,3 +155,34 @@ def test_what_a_dead_migration_left_is_swept_and_a_live_ones_is_not(tmp_path):
     assert not dead.exists() and not staging_dead.exists() and not owner_file(dead).exists()
     assert (root.outgoing / "held").is_dir() and not (root.outgoing / "orphan").exists()
     assert sweep_transfers(root, cat) == []  # nothing more to do
+
+
+def test_published_snapshots_are_adopted_and_unfinished_ones_of_dead_checkpoints_removed(tmp_path):
+    from runtime.paths import SNAPSHOT_META, StateRoot
+    from runtime.reconcile import OWNER_FILE, sweep_snapshots, write_owner
+
+    root = StateRoot(tmp_path / "root")
+    cat = Catalog(root.db)
+    published = root.snapshot_dir("aaaaaaaaaaaa")
+    published.mkdir(parents=True)
+    (published / SNAPSHOT_META).write_text(json.dumps({
+        "id": "aaaaaaaaaaaa", "container": "c1", "tag": "nightly", "criu_version": "4.2.1", "created": 5.0,
+        "size": 10, "spec": json.loads(spec().to_json())}))
+    live, dead, ownerless = (root.partial_snapshot_dir(i) for i in ("b" * 12, "c" * 12, "d" * 12))
+    for d in (live, dead, ownerless):
+        d.mkdir(parents=True)
+    write_owner(live / OWNER_FILE)  # this process: a checkpoint still writing
+    (dead / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start": 1}))
+    notes = sweep_snapshots(root, cat)
+    assert len(notes) == 3 and any("adopted snapshot aaaaaaaaaaaa of c1" in n for n in notes)
+    snap = cat.snapshot("aaaaaaaaaaaa")
+    assert (snap.container, snap.tag, snap.created, snap.size) == ("c1", "nightly", 5.0, 10)
+    assert live.is_dir() and not dead.exists() and not ownerless.exists()
+    assert sweep_snapshots(root, cat) == []  # nothing more to do
+
+
+def test_a_checkpoint_that_died_after_publishing_leaves_it_checkpointed():
+    f = Facts(owner_alive=False, shim_alive=False, tree_alive=False, traced=False, published=True)
+    assert decide(states.CHECKPOINTING, f)[0] == "checkpoint-done-stopped"
+    f = Facts(owner_alive=False, shim_alive=True, tree_alive=True, traced=False, published=True)
+    assert decide(states.CHECKPOINTING, f)[0] == "resumed"  # CRIU let the tree go: it runs, the snapshot stays
