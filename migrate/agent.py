@@ -31,6 +31,7 @@ from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
 
 PROTOCOL = 2
+MAX_REQUEST = 4 << 20  # characters of one request line
 COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
 # requests that are steps of the migration: journaled before and after
 _STEPS = {"adopt_layers": "layers", "preload": "preload", "restore": "restore", "wait_pages": "memory pages",
@@ -312,23 +313,41 @@ def _end_transfer(p: _Pending) -> None:
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> int:
-    """Answer requests until EOF; an uncommitted migration is undone on the way out."""
+    """Answer requests until EOF; an uncommitted migration is undone on the way out. Each
+    answer carries its request's id; a request longer than MAX_REQUEST ends the session."""
     rt = Runtime()
     agent = Agent(rt)
     try:
-        for line in inp:
-            try:
-                answer = {"ok": True, **agent.handle(json.loads(line))}
-            except MigrateError as e:
-                answer = {"ok": False, "error": str(e), "exit_code": e.exit_code}
-                if isinstance(e, CriuError) and e.log is not None:  # the controller names it with our host
-                    answer.update(error=e.detail, criu_log=str(e.log))
-            except Exception as e:  # noqa: BLE001 - reported to the controller, logged here
-                traceback.print_exc(file=sys.stderr)
-                answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 1}
+        while line := inp.readline(MAX_REQUEST + 1):
+            if len(line) > MAX_REQUEST:
+                out.write(json.dumps({"ok": False, "exit_code": 2,
+                                      "error": f"a request longer than {MAX_REQUEST} bytes: refused"}) + "\n")
+                out.flush()
+                return 2
+            answer = _answer(agent, line)
             out.write(json.dumps(answer) + "\n")
             out.flush()
     finally:
         agent.abort()
         rt.close()
     return 0
+
+
+def _answer(agent: Agent, line: str) -> dict:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return {"ok": False, "error": "a request that is not JSON", "exit_code": 2}
+    request = msg.get("id") if isinstance(msg, dict) else None
+    try:
+        if not isinstance(msg, dict):
+            raise InvalidInput("a request that is not a JSON object")
+        answer = {"ok": True, **agent.handle(msg)}
+    except MigrateError as e:
+        answer = {"ok": False, "error": str(e), "exit_code": e.exit_code}
+        if isinstance(e, CriuError) and e.log is not None:  # the controller names it with our host
+            answer.update(error=e.detail, criu_log=str(e.log))
+    except Exception as e:  # noqa: BLE001 - reported to the controller, logged here
+        traceback.print_exc(file=sys.stderr)
+        answer = {"ok": False, "error": f"{type(e).__name__}: {e}", "exit_code": 1}
+    return {**answer, "id": request}

@@ -67,13 +67,26 @@ class Agent:
     def __init__(self, proc: RemoteProcess, host: str):
         self.proc = proc
         self.host = host
+        self.last_id = 0
 
     def call(self, op: str, timeout: float = AGENT_TIMEOUT, **args) -> dict:
-        self.proc.send({"op": op, **args})
+        """One request and its answer, matched by id: a late answer to an earlier request whose
+        wait timed out is skipped, never taken for this one's."""
+        self.last_id += 1
+        request = self.last_id
+        self.proc.send({"id": request, "op": op, **args})
         faults.point(f"sent-{op}")  # asked, the answer not read: only the other host knows what happened
-        answer = self.proc.recv(timeout=timeout)
-        if not isinstance(answer, dict):
-            raise RemoteError(f"the agent on {self.host} answered {answer!r}")
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self.proc.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if not isinstance(answer, dict):
+                raise PeerLost(f"the agent on {self.host} answered {str(answer)[:200]!r}")
+            got = answer.get("id")
+            if isinstance(got, int) and not isinstance(got, bool) and got < request:
+                continue  # the answer to a request we gave up on
+            if got != request:
+                raise PeerLost(f"the agent on {self.host} answered request {got!r}, not {request}")
+            break
         if not answer.get("ok"):
             where = f" (CRIU log on {self.host}: {answer['criu_log']})" if answer.get("criu_log") else ""
             raise RemoteError(f"{self.host}: {answer.get('error')}{where}")

@@ -28,6 +28,7 @@ from runtime.errors import InvalidInput, PeerLost, RemoteError
 __all__ = ["RemoteProcess", "SSHSession", "rsync_ssh_command", "rsync_target"]
 
 _CHUNK = 65536
+MAX_LINE = 4 << 20  # bytes: no message of the protocol comes near it
 KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the connection is dead
 KEEPALIVE_COUNT = 3
 
@@ -217,24 +218,34 @@ class RemoteProcess:
 
 
 class _LineSplitter:
-    """Turns a byte stream into complete lines for EMIT; a partial last line waits for more."""
+    """Turns a byte stream into complete lines for EMIT; a partial last line waits for more.
+    A line longer than MAX_LINE is cut: its start is emitted (so it reads as garbage, not as a
+    message) and the rest dropped up to its end, so a peer cannot fill our memory."""
 
     def __init__(self, emit: Callable[[bytes], None]):
         self._emit = emit
         self._partial = bytearray()
+        self._skipping = False
 
     def feed(self, data: bytes) -> None:
         start = len(self._partial)
         self._partial += data
         while (end := self._partial.find(b"\n", start)) >= 0:
-            self._emit(bytes(self._partial[:end]))
+            if not self._skipping:
+                self._emit(bytes(self._partial[:end]))
+            self._skipping = False
             del self._partial[: end + 1]
             start = 0
+        if len(self._partial) > MAX_LINE:
+            if not self._skipping:
+                self._emit(bytes(self._partial[:200]) + b"... (a line longer than the limit)")
+            self._skipping = True
+            self._partial.clear()
 
     def flush(self) -> None:
-        if self._partial:
+        if self._partial and not self._skipping:
             self._emit(bytes(self._partial))
-            self._partial.clear()
+        self._partial.clear()
 
 
 def rsync_ssh_command(spec: HostSpec, *, connect_timeout: int = 10) -> list[str]:

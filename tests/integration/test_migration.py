@@ -685,3 +685,27 @@ def test_started_moves_with_the_container(two):
     assert b.container("c1")["started"] == started
     two.move_json("host-b", "c1", "host-a", mode="lazy")
     assert a.container("c1")["started"] == started
+
+
+# the process keeps one number in memory and in a file it rewrites in place (same inode, same
+# size) a hundred times a second; any run where the file it finds is not the one it last wrote
+# prints CHECK: so an upper-dir sync that misses a same-size, same-second change shows
+REWRITER = ('i=0; printf "%08d\\n" 0 > /n; while true; do read v < /n; '
+            '[ "$v" = "$(printf %08d $i)" ] || echo "CHECK file=$v memory=$i"; '
+            'i=$((i+1)); printf "%08d\\n" $i > /n; [ $((i % 20)) = 0 ] && echo $((i / 20)); usleep 10000; done')
+
+
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_a_file_rewritten_in_place_many_times_a_second_arrives_as_last_written(two, mode):
+    a, b = two["host-a"], two["host-b"]
+    a.ok("run", "--name", "c1", IMAGE, "sh", "-c", REWRITER)
+    two.record("host-a", "c1")
+    a.wait_count("c1", 5)
+    for src, dst in (("host-a", "host-b"), ("host-b", "host-a"), ("host-a", "host-b")):
+        r = two.move(src, "c1", dst, mode=mode)
+        assert r.rc == 0, str(r)
+        node = two[dst]
+        node.wait_count("c1", len(counter_numbers(node.logs("c1"))) + 3)
+        assert "CHECK" not in node.logs("c1"), node.logs("c1")[-500:]
+    assert_consecutive(counter_numbers(b.logs("c1")))
+    assert "c1" not in a.ps()

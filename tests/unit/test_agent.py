@@ -11,7 +11,7 @@ from migrate.agent import Agent
 from migrate.controller import Agent as AgentHandle
 from runtime import criulogs, journal
 from runtime.container import Runtime
-from runtime.errors import Conflict, CriuError, InvalidInput, RemoteError
+from runtime.errors import Conflict, CriuError, InvalidInput, PeerLost, RemoteError
 from runtime.paths import StateRoot
 from runtime.spec import ContainerSpec
 from runtime.store import ImageRecord
@@ -222,15 +222,63 @@ def test_a_failed_criu_step_here_names_a_kept_log(rt, agent):
 
 
 class FakeProcess:
-    def __init__(self, answer):
+    """An agent connection that answers each request with `answer` (its id added), after
+    any `stale` answers queued first."""
+
+    def __init__(self, answer, stale=()):
         self.answer = answer
+        self.queue = list(stale)
         self.sent = []
 
     def send(self, msg) -> None:
         self.sent.append(msg)
+        self.queue.append({**self.answer, "id": msg["id"]} if "id" not in self.answer else self.answer)
 
     def recv(self, timeout=None):
-        return self.answer
+        return self.queue.pop(0)
+
+
+def test_answers_are_matched_to_their_request_by_id():
+    handle = AgentHandle(FakeProcess({"ok": True, "n": 1}), "host-b")
+    handle.call("hello")
+    # a late answer to a request given up on is skipped, not taken for the next one's
+    handle.proc.queue.append({"ok": False, "error": "late", "id": 1})
+    assert handle.call("hello")["n"] == 1 and [m["id"] for m in handle.proc.sent] == [1, 2]
+    odd = AgentHandle(FakeProcess({"ok": True, "id": 7}), "host-b")
+    with pytest.raises(PeerLost, match="answered request 7, not 1"):
+        odd.call("hello")
+
+
+def test_the_agent_echoes_ids_and_refuses_what_is_not_a_request(rt, monkeypatch):
+    import io
+
+    from migrate import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "Runtime", lambda: rt)
+    monkeypatch.setattr(rt, "close", lambda: None)
+    out = io.StringIO()
+    lines = '{"id": 3, "op": "nope"}\nnot json\n[1]\n'
+    assert agent_module.serve(io.StringIO(lines), out) == 0
+    answers = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [(a["ok"], a.get("id")) for a in answers] == [(False, 3), (False, None), (False, None)]
+    assert "unknown agent request 'nope'" in answers[0]["error"]
+    monkeypatch.setattr(agent_module, "MAX_REQUEST", 100)
+    out = io.StringIO()
+    assert agent_module.serve(io.StringIO('{"op": "' + "x" * 200 + '"}\n{"id": 1, "op": "hello"}\n'), out) == 2
+    assert out.getvalue().count("\n") == 1 and "longer than 100 bytes" in out.getvalue()
+
+
+def test_a_line_beyond_the_limit_is_cut_not_kept(monkeypatch):
+    from migrate import ssh
+
+    monkeypatch.setattr(ssh, "MAX_LINE", 1000)
+    lines = []
+    split = ssh._LineSplitter(lines.append)
+    split.feed(b'{"a": 1}\n' + b"x" * 600)
+    split.feed(b"y" * 600)  # past the limit: cut
+    split.feed(b"z" * 5000 + b'\n{"b": 2}\n')
+    assert lines[0] == b'{"a": 1}' and lines[1].endswith(b"(a line longer than the limit)")
+    assert lines[2:] == [b'{"b": 2}'] and len(lines[1]) < 300
 
 
 def test_the_controller_names_the_targets_criu_log_with_the_host():

@@ -1,0 +1,69 @@
+"""Trouble on the target that can be known before the freeze is refused there, in one line, with
+nothing changed on either host: a full disk (a small tmpfs as its state root), CRIU missing or
+older than here (a name taken there: test_migration.py). What cannot be known before (a
+restore that fails, a commit refused) rolls back with the source running: test_migration.py, test_commit.py."""
+
+import os
+import subprocess
+
+import pytest
+from test_migration import (  # noqa: F401 - fixtures
+    _assert_refused_and_unchanged,
+    assert_no_migration_leftovers,
+    cluster,
+    set_host_env,
+    start_counter,
+    two,
+)
+
+from runtime.criu import find_binary
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+def _refused(two, *move_args: str) -> str:  # noqa: F811
+    a, b = two["host-a"], two["host-b"]
+    nums = a.wait_count("c1", 3)
+    pid = a.container("c1")["pid"]
+    before, before_b = a.snapshot_of_state(), b.snapshot_of_state()
+    r = two.move("host-a", "c1", "host-b", *move_args)
+    _assert_refused_and_unchanged(two, r, 8, before, pid, nums)
+    assert b.snapshot_of_state() == before_b and b.ps() == {}
+    assert_no_migration_leftovers(a, b)
+    return r.err
+
+
+def test_a_target_without_room_is_refused_before_anything_freezes(two):  # noqa: F811
+    a, b = two["host-a"], two["host-b"]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(b.root)], check=True)
+    try:
+        start_counter(two)
+        a.ok("exec", "c1", "sh", "-c", "dd if=/dev/urandom of=/big bs=1M count=24 2>/dev/null")
+        err = _refused(two)
+        assert "host-b has" in err and "free under" in err and "needs about" in err, err
+    finally:
+        subprocess.run(["umount", "-l", str(b.root)], check=False)
+
+
+def test_a_target_whose_criu_is_missing_is_refused(two):  # noqa: F811
+    set_host_env(two.hosts, "host-b", {"MIGRATE_CRIU": "/nonexistent/criu"})
+    start_counter(two)
+    err = _refused(two)
+    assert "criu does not work on host-b" in err and "not installed" in err, err
+
+
+OLD_CRIU = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "Version: 3.1"; exit 0; fi
+exec {criu} "$@"
+"""
+
+
+def test_a_target_whose_criu_is_older_is_refused(two, tmp_path):  # noqa: F811
+    wrapper = tmp_path / "old-criu"
+    wrapper.write_text(OLD_CRIU.format(criu=find_binary()))
+    wrapper.chmod(0o755)
+    set_host_env(two.hosts, "host-b", {"MIGRATE_CRIU": str(wrapper)})
+    start_counter(two)
+    err = _refused(two)
+    assert "host-b has CRIU 3.1, older than" in err and "cannot read these images" in err, err
+
