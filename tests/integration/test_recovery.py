@@ -130,3 +130,30 @@ def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(t
     assert_consecutive(nums) and nums[:len(before)] == before
     wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")
     assert_no_migration_leftovers(a, b)  # the images CRIU wrote here for it are gone too
+
+
+def test_one_operation_at_a_time_and_a_dead_owners_lock_clears(two):  # noqa: F811
+    """While a migration holds c1, every other operation on it is refused, naming what holds
+    it; once that migration's process is gone, the next command frees c1 again."""
+    a, b = two["host-a"], two["host-b"]
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "target-preload:hang"})
+    before = start_counter(two)
+    proc = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", "copy"], env=a.env, cwd=a.work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: a.record("c1")["state"] == "migrating", 30, "the migration to begin")
+        assert f"migrating (by pid {proc.pid})" in a.ok("ps").out
+        for args in (("stop", "c1"), ("rm", "-f", "c1"), ("checkpoint", "c1"), ("c1", "host-b"),
+                     ("exec", "c1", "true")):
+            r = a.fails(4, *args)
+            assert "c1: it is migrating" in r.err, str(r)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: a.container("c1")["state"] == "running", 30, "the dead migration's hold to clear")
+    nums = a.wait_count("c1", len(counter_numbers(a.logs("c1"))) + 3)
+    assert_consecutive(nums) and nums[:len(before)] == before
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": ""})
+    wait_until(lambda: not b._procs_of_root(), 30, "the agent that hung to end")
+    a.ok("checkpoint", "--leave-running", "c1")  # free again
+    assert_no_migration_leftovers(a, b)
