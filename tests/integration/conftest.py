@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from clihost import BUSYBOX, IMAGE, MigrateHost
+from cluster import REMOTE_COMMAND, Cluster, print_logs
 
 from runtime.imagebuild import build_image, busybox_layer
 
@@ -183,3 +184,32 @@ def debian_image() -> Path:
     if archive is None or not archive.is_file():
         pytest.fail(f"{DEBIAN_BUILDER} named no archive: {p.stdout!r}\n{p.stderr[-3000:]}")
     return archive
+
+
+@pytest.fixture
+def cluster(test_hosts, tmp_path, request):
+    """Factory: `c = cluster(2)`; hosts host-a, host-b, ... that run `python -m migrate.cli`."""
+    made: list[Cluster] = []
+
+    def make(n: int = 2) -> Cluster:
+        c = Cluster(test_hosts(n, remote_command=REMOTE_COMMAND), tmp_path / f"work{len(made)}")
+        made.append(c)
+        return c
+
+    yield make
+    call = getattr(request.node, "rep_call", None)
+    leaks: list[str] = []
+    for c in made:
+        if call is not None and call.failed:
+            print_logs(c)
+        leaks += c.teardown()
+    if leaks:
+        pytest.fail("the tool left things behind (cleaned up now):\n  " + "\n  ".join(leaks))
+
+
+@pytest.fixture
+def two(cluster, busybox_archives) -> Cluster:
+    """host-a and host-b; busybox imported on host-a only."""
+    c = cluster(2)
+    c["host-a"].import_busybox(busybox_archives["docker-archive"])
+    return c

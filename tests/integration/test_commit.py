@@ -9,14 +9,7 @@ import time
 
 import pytest
 from clihost import _cli, assert_consecutive, counter_numbers, wait_until
-from test_migration import (  # noqa: F401 - fixtures
-    assert_counts_on,
-    assert_no_migration_leftovers,
-    cluster,
-    set_host_env,
-    start_counter,
-    two,
-)
+from cluster import assert_counts_on, assert_no_migration_leftovers, set_host_env, start_counter
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -30,7 +23,7 @@ def _frozen(node, name: str, seconds: float = 1.0) -> bool:
 
 @pytest.mark.parametrize("mode", ["copy", "lazy"])
 @pytest.mark.parametrize("fault", ["commit-decided:kill", "committed:kill"])
-def test_an_agent_that_died_after_deciding_the_commit_leaves_the_target_copy(two, mode, fault):  # noqa: F811
+def test_an_agent_that_died_after_deciding_the_commit_leaves_the_target_copy(two, mode, fault):
     """The decision is the journal's: the fenced shim finds it when its agent's pipe ends, and
     the source, whose answer was lost, asks again on a new connection and lets go."""
     a, b = two["host-a"], two["host-b"]
@@ -45,7 +38,7 @@ def test_an_agent_that_died_after_deciding_the_commit_leaves_the_target_copy(two
     assert_no_migration_leftovers(a, b)
 
 
-def test_a_commit_answer_that_never_comes_is_asked_for_again_and_an_undecided_one_aborts(two):  # noqa: F811
+def test_a_commit_answer_that_never_comes_is_asked_for_again_and_an_undecided_one_aborts(two):
     """The agent stops answering before it decides: the source asks on a new connection, which
     decides `aborted` there and ends the target's copy, and only then resumes the source."""
     a, b = two["host-a"], two["host-b"]
@@ -63,7 +56,7 @@ def test_a_commit_answer_that_never_comes_is_asked_for_again_and_an_undecided_on
 
 
 @pytest.mark.parametrize("mode", ["copy", "lazy"])
-def test_a_controller_killed_after_asking_for_the_commit_leaves_one_copy(two, mode):  # noqa: F811
+def test_a_controller_killed_after_asking_for_the_commit_leaves_one_copy(two, mode):
     """The controller dies with the commit sent: CRIU lets the source go, but its cgroup holds
     it frozen; the next command here finds it in doubt, and `recover` asks host-b, which has it."""
     a, b = two["host-a"], two["host-b"]
@@ -102,7 +95,7 @@ def _unblock_ssh(netns: str) -> None:
     subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", "inet", "mgtest"], check=False)
 
 
-def test_an_unreachable_target_leaves_the_source_held_until_recover(two):  # noqa: F811
+def test_an_unreachable_target_leaves_the_source_held_until_recover(two):
     """The target committed and then nothing answers: the source cannot know, so it neither
     resumes nor ends its copy. It stays frozen, `in-doubt`; recover says it cannot ask while
     host-b is unreachable, and settles it once host-b answers again."""
@@ -138,7 +131,7 @@ def test_an_unreachable_target_leaves_the_source_held_until_recover(two):  # noq
     assert_no_migration_leftovers(a, b)
 
 
-def test_recover_with_bad_input_says_so(two):  # noqa: F811
+def test_recover_with_bad_input_says_so(two):
     a = two["host-a"]
     assert "no such container or unfinished migration: nope" in a.fails(3, "recover", "nope").err
     assert a.ok("recover").out.strip() == "nothing to recover here"

@@ -8,14 +8,7 @@ import os
 
 import pytest
 from clihost import wait_until
-from test_migration import (  # noqa: F401 - fixtures
-    assert_counts_on,
-    assert_no_migration_leftovers,
-    cluster,
-    set_host_env,
-    start_counter,
-    two,
-)
+from cluster import assert_counts_on, assert_no_migration_leftovers, set_host_env, start_counter
 
 from migrate.steps import STEPS
 
@@ -41,7 +34,7 @@ def _fault(side: str, step: str, how: str) -> str:
 
 
 @pytest.mark.parametrize("mode,side,step,how", list(_cases()))
-def test_one_copy_after_a_crash_at_any_step(two, mode, side, step, how):  # noqa: F811
+def test_one_copy_after_a_crash_at_any_step(two, mode, side, step, how):
     a, b = two["host-a"], two["host-b"]
     before = start_counter(two)
     fault = _fault(side, step, how)

@@ -9,7 +9,6 @@ import time
 import pytest
 from clihost import IMAGE, proc_gone, proc_identity, wait_until
 from test_checkpoint import checkpoint, restore
-from test_migration import cluster, two  # noqa: F401 - fixtures
 
 from runtime import procfs
 
@@ -68,7 +67,7 @@ def _netns_of(c, host: str) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["copy", "lazy"])
-def test_move_refused_with_a_connection_to_outside_then_done_with_tcp_close(two, mode):  # noqa: F811
+def test_move_refused_with_a_connection_to_outside_then_done_with_tcp_close(two, mode):
     a = two["host-a"]
     # a server in the container, a client on host-a outside it
     a.ok("run", "--name", "c1", IMAGE, "sh", "-c", f"sleep 100000 | nc -l -p {PORT}")
@@ -114,7 +113,7 @@ def test_move_refused_with_a_connection_to_outside_then_done_with_tcp_close(two,
             client.wait()
 
 
-def test_move_refused_with_an_open_sqlite_database_unless_allowed(two):  # noqa: F811
+def test_move_refused_with_an_open_sqlite_database_unless_allowed(two):
     a = two["host-a"]
     a.ok("run", "--name", "c1", IMAGE, "sh", "-c",
          f"printf '{SQLITE_HEADER}' > /data.db; exec 3<>/data.db; while true; do sleep 0.1; done")
@@ -128,7 +127,7 @@ def test_move_refused_with_an_open_sqlite_database_unless_allowed(two):  # noqa:
     assert two["host-b"].container("c1")["state"] == "running"
 
 
-def test_move_refused_while_the_target_holds_the_containers_port(two):  # noqa: F811
+def test_move_refused_while_the_target_holds_the_containers_port(two):
     a = two["host-a"]
     port = PORT + 1
     a.ok("run", "--name", "c1", IMAGE, "sh", "-c", f"sleep 100000 | nc -l -p {port}")

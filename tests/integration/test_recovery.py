@@ -9,13 +9,7 @@ import time
 
 import pytest
 from clihost import COUNTER, IMAGE, _cli, assert_consecutive, counter_numbers, proc_gone, proc_identity, wait_until
-from test_migration import (  # noqa: F401 - fixtures
-    assert_no_migration_leftovers,
-    cluster,
-    set_host_env,
-    start_counter,
-    two,
-)
+from cluster import assert_no_migration_leftovers, set_host_env, start_counter
 
 from runtime import linux
 
@@ -63,7 +57,7 @@ def test_a_killed_checkpoint_leaves_the_container_running_not_checkpointing(host
     host.ok("rm", "m1")
 
 
-def test_a_killed_migration_leaves_one_running_copy_and_no_stuck_record(two):  # noqa: F811
+def test_a_killed_migration_leaves_one_running_copy_and_no_stuck_record(two):
     a, b = two["host-a"], two["host-b"]
     before = start_counter(two)
     # a large upper dir keeps the migration in its running phase (layers, upper sync) for a while
@@ -93,7 +87,7 @@ def test_a_killed_migration_leaves_one_running_copy_and_no_stuck_record(two):  #
     ("lazy", "commit:kill"),
     ("copy", "restored:kill-parent"),  # the agent dies while the shim restores: nobody reads its verdict
 ])
-def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, mode, fault):  # noqa: F811
+def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, mode, fault):
     """The fence: the restored copy's shim holds the agent's go pipe and kills the copy when it
     ends before the commit byte, so the source (which CRIU resumes) is the only one that runs."""
     a, b = two["host-a"], two["host-b"]
@@ -114,7 +108,7 @@ def test_a_target_copy_never_outlives_an_agent_that_died_before_the_commit(two, 
     assert_no_migration_leftovers(a, b)
 
 
-def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(two):  # noqa: F811
+def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(two):
     """The worst moment of a lazy migration: CRIU holds the source frozen and serves its pages,
     and the controller dies before the target connected. The agent ends its side; the next
     command here finds CRIU holding the tree for nobody, ends it, and the tree runs on."""
@@ -132,7 +126,7 @@ def test_a_controller_killed_while_criu_serves_pages_leaves_the_source_running(t
     assert_no_migration_leftovers(a, b)  # the images CRIU wrote here for it are gone too
 
 
-def test_one_operation_at_a_time_and_a_dead_owners_lock_clears(two):  # noqa: F811
+def test_one_operation_at_a_time_and_a_dead_owners_lock_clears(two):
     """While a migration holds c1, every other operation on it is refused, naming what holds
     it; once that migration's process is gone, the next command frees c1 again."""
     a, b = two["host-a"], two["host-b"]

@@ -7,33 +7,26 @@ import os
 import subprocess
 
 import pytest
-from test_migration import (  # noqa: F401 - fixtures
-    _assert_refused_and_unchanged,
-    assert_no_migration_leftovers,
-    cluster,
-    set_host_env,
-    start_counter,
-    two,
-)
+from cluster import assert_no_migration_leftovers, assert_refused_and_unchanged, set_host_env, start_counter
 
 from runtime.criu import find_binary
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 
-def _refused(two, *move_args: str) -> str:  # noqa: F811
+def _refused(two, *move_args: str) -> str:
     a, b = two["host-a"], two["host-b"]
     nums = a.wait_count("c1", 3)
     pid = a.container("c1")["pid"]
     before, before_b = a.snapshot_of_state(), b.snapshot_of_state()
     r = two.move("host-a", "c1", "host-b", *move_args)
-    _assert_refused_and_unchanged(two, r, 8, before, pid, nums)
+    assert_refused_and_unchanged(two, r, 8, before, pid, nums)
     assert b.snapshot_of_state() == before_b and b.ps() == {}
     assert_no_migration_leftovers(a, b)
     return r.err
 
 
-def test_a_target_without_room_is_refused_before_anything_freezes(two):  # noqa: F811
+def test_a_target_without_room_is_refused_before_anything_freezes(two):
     a, b = two["host-a"], two["host-b"]
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(b.root)], check=True)
     try:
@@ -45,7 +38,7 @@ def test_a_target_without_room_is_refused_before_anything_freezes(two):  # noqa:
         subprocess.run(["umount", "-l", str(b.root)], check=False)
 
 
-def test_a_target_whose_criu_is_missing_is_refused(two):  # noqa: F811
+def test_a_target_whose_criu_is_missing_is_refused(two):
     set_host_env(two.hosts, "host-b", {"MIGRATE_CRIU": "/nonexistent/criu"})
     start_counter(two)
     err = _refused(two)
@@ -58,7 +51,7 @@ exec {criu} "$@"
 """
 
 
-def test_a_target_whose_criu_is_older_is_refused(two, tmp_path):  # noqa: F811
+def test_a_target_whose_criu_is_older_is_refused(two, tmp_path):
     wrapper = tmp_path / "old-criu"
     wrapper.write_text(OLD_CRIU.format(criu=find_binary()))
     wrapper.chmod(0o755)

@@ -27,14 +27,8 @@ from types import SimpleNamespace
 
 import pytest
 from clihost import DEBIAN_IMAGE, MigrateHost, assert_consecutive, free_port, proc_gone, proc_identity, wait_until
+from cluster import REMOTE_COMMAND, Cluster, assert_no_migration_leftovers, kill_in_cgroups, print_logs
 from test_checkpoint import checkpoint, restore
-from test_migration import (
-    REMOTE_COMMAND,
-    Cluster,
-    _kill_in_cgroups,
-    _print_logs,
-    assert_no_migration_leftovers,
-)
 
 from migrate.testhosts import TestHosts
 from runtime import linux
@@ -69,7 +63,7 @@ def services_pair(request, tmp_path_factory, debian_image) -> Cluster:
         yield c
     finally:
         if request.session.testsfailed > failures:
-            _print_logs(c)
+            print_logs(c)
         leaks = c.teardown()
         try:
             hosts.teardown()
@@ -130,7 +124,7 @@ def stage(request) -> Stage:
     yield st
     call = getattr(request.node, "rep_call", None)
     if call is not None and call.failed:
-        _print_logs(logs_of)
+        print_logs(logs_of)
         for h in st.hosts:
             for name in h.catalog():
                 r = h.run("logs", name)
@@ -162,7 +156,7 @@ def _clean(st: Stage) -> list[str]:
             leaks.append(f"mount left behind: {point}")
             linux.umount(point, linux.MNT_DETACH)
     if st.cluster is not None:
-        leaks += _kill_in_cgroups(st.cluster.cgroups_seen)
+        leaks += kill_in_cgroups(st.cluster.cgroups_seen)
         try:
             assert_no_migration_leftovers(*st.hosts)
         except AssertionError as e:
