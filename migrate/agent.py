@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from runtime import criulogs, faults, journal, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import LaunchedShim, Runtime
-from runtime.criu import Criu, LazyPagesDaemon
+from runtime.criu import PAGES_STALL, Criu, LazyPagesDaemon
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
 from runtime.facts import cpuinfo_check, host_facts
 from runtime.reconcile import owner_file, write_transfer_owner
@@ -161,7 +162,16 @@ class Agent:
         if p.pages is None:
             raise Conflict(f"{p.name} is not being restored lazily")
         faults.point("pages")
-        if p.pages.wait(float(msg.get("timeout_s", 3600))) != 0:
+        stall = PAGES_STALL
+        if faults.active("pages-stall"):  # a page connection that goes silent, in 2 s
+            os.kill(p.pages.proc.pid, signal.SIGSTOP)
+            stall = 2.0
+        try:
+            status = p.pages.wait(float(msg.get("timeout_s", 3600)), stall)
+        except CriuError:
+            self.rt.release(p.name)
+            raise
+        if status != 0:
             self.rt.release(p.name)
             raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}", log=p.pages.log, op="lazy-pages")
         _remove_incoming(p.incoming)

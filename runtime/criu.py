@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,9 @@ def abort_lazy_dump(port: int) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+PAGES_STALL = 60.0  # seconds without a page arriving before a lazy transfer counts as failed
+
+
 class LazyPagesDaemon:
     """`criu lazy-pages`: fills a lazily restored tree's memory from the source's page server.
 
@@ -237,13 +241,29 @@ class LazyPagesDaemon:
             raise CriuError(f"criu lazy-pages did not start: {'; '.join(log_errors(self.log)) or 'no answer'}",
                             log=self.log, op="lazy-pages")
 
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise CriuError(f"the lazy page transfer did not finish within {timeout:.0f} s",
-                            log=self.log, op="lazy-pages") from None
+    def wait(self, timeout: float, stall: float = PAGES_STALL) -> int:
+        """Its exit status; it is killed when it makes no progress for `stall` seconds (its log,
+        at -v4 a line per transfer, stops growing and it reads nothing: the page connection
+        went silent, a cut nobody saw) or runs past `timeout`."""
+        deadline = time.monotonic() + timeout
+        mark, since = None, time.monotonic()
+        while True:
+            try:
+                return self.proc.wait(min(0.5, max(0.01, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            progress = (_size(self.log), _bytes_read(self.proc.pid))
+            if progress != mark:
+                mark, since = progress, now
+            elif now - since > stall:
+                self.kill()
+                raise CriuError(f"no memory page arrived for {stall:.0f} s: the lazy page transfer stalled",
+                                log=self.log, op="lazy-pages")
+            if now > deadline:
+                self.kill()
+                raise CriuError(f"the lazy page transfer did not finish within {timeout:.0f} s",
+                                log=self.log, op="lazy-pages")
 
     def failure(self) -> str:
         return "; ".join(log_errors(self.log)) or f"exit status {self.proc.returncode}"
@@ -252,6 +272,25 @@ class LazyPagesDaemon:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _bytes_read(pid: int) -> int | None:
+    """What the process has read so far, sockets included (/proc/PID/io rchar)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _mtime(path: Path) -> int | None:

@@ -3,7 +3,8 @@
 MIGRATE_FAULTS=name[,name...] in a process's environment (points: restore, pages, commit,
 commit-decided, committed on the target; page-server-ready and sent-OP after each request OP
 to the agent on the source; restored in a restore's shim; checkpoint-written,
-checkpoint-published, checkpoint-dumped in `checkpoint`) makes those points raise;
+checkpoint-published, checkpoint-dumped in `checkpoint`; pages-stall, not a failure
+but a silent page connection: the target's lazy-pages daemon is stopped) makes those points raise;
 `name:kill` makes the process die there at once (SIGKILL), as it would by the OOM killer or a
 crash, `name:kill-parent` kills the process that started it (and waits until it is gone), and
 `name:hang` stops there, answering nothing, until something arrives on its stdin or it ends
@@ -20,6 +21,12 @@ import time
 from .errors import MigrateError
 
 HANG_LIMIT = 600.0
+
+
+def active(name: str) -> bool:
+    """Whether the fault NAME is asked for (for faults that are a behaviour, not a failure:
+    `pages-stall` stops the target's lazy-pages daemon, as a silent network would)."""
+    return name in os.environ.get("MIGRATE_FAULTS", "").split(",")
 
 
 def point(name: str) -> None:

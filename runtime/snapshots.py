@@ -160,10 +160,11 @@ class Snapshots:
         if blocker:
             raise CriuError(f"cannot checkpoint {name}: {blocker}")
         snapshot_id = secrets.token_hex(6)
+        # before anything changes: a missing or broken criu fails here, the container untouched
+        meta = {"id": snapshot_id, "container": name, "tag": tag, "criu_version": Criu().version()}
         rec = self.catalog.transition(name, "checkpoint", owner={**own_identity(), "snapshot": snapshot_id})
         final = self.root.snapshot_dir(snapshot_id)
         partial = self.root.partial_snapshot_dir(snapshot_id)
-        meta = {"id": snapshot_id, "container": name, "tag": tag, "criu_version": Criu().version()}
         try:
             self._dump(rec, partial, final, leave_running, meta)
         except BaseException as e:

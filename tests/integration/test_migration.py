@@ -339,6 +339,28 @@ def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
     assert "big" not in a.ps()
 
 
+def test_a_lazy_transfer_that_goes_silent_is_ended_and_the_source_resumes(cluster, memhog_image):
+    """The page connection stops carrying anything (here: the target's lazy-pages daemon is
+    stopped, as a cut nobody saw would leave it): after the stall window the target kills its
+    copy, which must not run without its pages, and the source resumes with all its memory."""
+    c = cluster(2)
+    a, b = c["host-a"], c["host-b"]
+    a.ok("image", "import", memhog_image)
+    a.ok("run", "--name", "big", "memhog")
+    original = checksums(a.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled"))[0]
+    pid = a.container("big")["pid"]
+    set_host_env(c.hosts, "host-b", {"MIGRATE_FAULTS": "pages-stall"})
+    r = a.fails(8, "big", "host-b", "--mode", "lazy")
+    assert "failed at memory pages" in r.err and "stalled" in r.err and "keeps running here" in r.err, str(r)
+    assert (a.container("big")["state"], a.container("big")["pid"]) == ("running", pid)
+    os.kill(pid, signal.SIGUSR1)
+    text = a.wait_log("big", lambda t: len(checksums(t)) == 2, 60, "the checksum on host-a")
+    assert checksums(text) == [original, original]
+    wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")
+    b.ps()
+    assert_no_migration_leftovers(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # 11: refusals change nothing
 

@@ -195,7 +195,7 @@ class FailedPages:
     def __init__(self, log: Path):
         self.log = log
 
-    def wait(self, _timeout: float) -> int:
+    def wait(self, _timeout: float, _stall: float) -> int:
         return 1
 
     def failure(self) -> str:

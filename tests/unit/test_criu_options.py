@@ -95,3 +95,34 @@ def test_the_network_lock_table_is_named_as_each_criu_names_it():
             "(00.000000) CRIU run id = b747e91b-d615-42b2-ab06-9b2c459df889\n")
     assert network_lock_tables(log4, 42) == ("CRIU-b747e91b-d615-42b2-ab",)  # 4.x: the dump's run id
     assert network_lock_tables("(00.000001) Lock network\n", 1125) == ("CRIU-1125",)  # 3.x: the tree's PID
+
+
+def _daemon(tmp_path, argv):
+    """A LazyPagesDaemon around a stand-in process (no CRIU): what wait() sees is real."""
+    import subprocess
+
+    from runtime.criu import LazyPagesDaemon
+
+    d = object.__new__(LazyPagesDaemon)
+    d.log = tmp_path / "lazy-pages.log"
+    d.log.write_text("")
+    d.proc = subprocess.Popen(argv)
+    return d
+
+
+def test_a_lazy_page_transfer_that_makes_no_progress_is_ended(tmp_path):
+    import time
+
+    from runtime.errors import CriuError
+
+    d = _daemon(tmp_path, ["sleep", "30"])
+    started = time.monotonic()
+    with pytest.raises(CriuError, match="no memory page arrived for 1 s"):
+        d.wait(timeout=60, stall=1.0)
+    assert time.monotonic() - started < 5 and d.proc.poll() is not None  # killed
+
+
+def test_a_lazy_page_transfer_that_progresses_runs_to_its_end(tmp_path):
+    d = _daemon(tmp_path, ["sh", "-c", f"for i in 1 2 3 4 5 6; do echo page >> {tmp_path}/lazy-pages.log; "
+                                       "sleep 0.4; done; exit 3"])
+    assert d.wait(timeout=60, stall=1.0) == 3  # 2.4 s in all, never 1 s without a line
