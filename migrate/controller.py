@@ -117,16 +117,20 @@ class Migration:
     @contextlib.contextmanager
     def _step(self, name: str):
         """One step of the table in migrate/steps.py, journaled before it starts and after it ends."""
-        assert name in steps.NAMES, name
-        self.step = name
-        self.journal.note(self.id, journal.SOURCE, name, "begin")
-        faults.point("source-" + name.replace(" ", "-"))
+        self._begin(name)
         try:
             yield
         except BaseException as e:
             self.journal.note(self.id, journal.SOURCE, name, "failed", str(e) or type(e).__name__)
             raise
         self.journal.note(self.id, journal.SOURCE, name, "done")
+
+    def _begin(self, name: str) -> None:
+        """A step starts: journaled, then its fault point (the checkpoint's ends in CRIU's hook)."""
+        assert name in steps.NAMES, name
+        self.step = name
+        self.journal.note(self.id, journal.SOURCE, name, "begin")
+        faults.point("source-" + name.replace(" ", "-"))
 
     def run(self) -> MigrationStats:
         started = time.monotonic()
@@ -243,9 +247,7 @@ class Migration:
                        tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
-        self.step = "checkpoint"
-        self.journal.note(self.id, journal.SOURCE, "checkpoint", "begin")
-        faults.point("source-checkpoint")
+        self._begin("checkpoint")
         self.freeze_started = time.monotonic()
         self.frozen_until = self.freeze_started + self.freeze_timeout
         if self.stats.mode == "lazy":
@@ -257,9 +259,9 @@ class Migration:
                     with self._step("restore"), self.stats.phase("restore"):
                         # past this instant plus the window, an uncommitted copy there is gone
                         self.restore_asked = True
-                        self.copy_deadline = time.monotonic() + self._left() + COMMIT_WINDOW
-                        agent.call("restore", name=self.name, timeout=self._left(),
-                                   commit_within=self._left() + COMMIT_WINDOW)
+                        left = self._left()
+                        self.copy_deadline = time.monotonic() + left + COMMIT_WINDOW
+                        agent.call("restore", name=self.name, timeout=left, commit_within=left + COMMIT_WINDOW)
                     self._commit(agent, rec)
                     self.stats.downtime = time.monotonic() - self.freeze_started
                 except InDoubt:

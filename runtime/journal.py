@@ -18,7 +18,7 @@ SOURCE = "source"
 TARGET = "target"
 COMMITTED = "committed"
 ABORTED = "aborted"
-KEEP_FINISHED = 200  # finished migrations kept per host, newest first (for `migrate journal`)
+KEEP_FINISHED = 200  # finished migrations kept per host, newest first (unfinished ones always)
 
 SCHEMA = (
     """CREATE TABLE migrations (
@@ -104,10 +104,6 @@ class Journal:
     def unfinished(self, container: str | None = None) -> list[MigrationRow]:
         rows = self._db.execute("SELECT * FROM migrations WHERE finished IS NULL ORDER BY started")
         return [r for r in map(_row, rows) if container is None or r.container == container]
-
-    def recent(self, container: str | None = None, limit: int = 20) -> list[MigrationRow]:
-        rows = self._db.execute("SELECT * FROM migrations ORDER BY started DESC")
-        return [r for r in map(_row, rows) if container is None or r.container == container][:limit]
 
     def commit_state(self, container: str) -> tuple[str, MigrationRow] | None:
         """How far the unfinished migration of `container` from this host got with its commit:

@@ -169,7 +169,7 @@ class Snapshots:
             self._dump(rec, partial, final, leave_running, meta)
         except BaseException as e:
             if final.exists():  # CRIU's dump was through: what failed after must not cost the snapshot
-                snap = self.adopt(final)
+                snap = adopt_snapshot(self.catalog, final)
                 alive = bool(Cgroups(rec.cgroups).pids())
                 self.catalog.transition(name, "checkpoint-failed" if alive else "checkpoint-done-stopped",
                                         **({} if alive else {"pid": None, "shim_pid": None, "finished": time.time()}))
@@ -183,7 +183,7 @@ class Snapshots:
                 raise failure from None
             raise
         faults.point("checkpoint-dumped")  # CRIU returned: the tree is ended (unless left running)
-        snap = self.adopt(final)
+        snap = adopt_snapshot(self.catalog, final)
         if leave_running:
             self.catalog.transition(name, "checkpoint-done-running")
             return snap
@@ -193,10 +193,6 @@ class Snapshots:
         if not shim_gone:
             raise MigrateError(f"{name} is checkpointed as {snapshot_id}, but its shim did not exit")
         return snap
-
-    def adopt(self, sdir: Path) -> SnapshotRecord:
-        """The catalog row of a published snapshot folder (from its snapshot.json)."""
-        return adopt_snapshot(self.catalog, sdir)
 
     def _dump(self, rec: ContainerRecord, partial: Path, final: Path, leave_running: bool, meta: dict) -> None:
         """CRIU dump into `partial`; while the tree is still frozen, the upper dir and log are
