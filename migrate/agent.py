@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import sys
@@ -31,8 +32,8 @@ from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
 
-PROTOCOL = 2
-MAX_REQUEST = 4 << 20  # characters of one request line
+from .protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, PROTOCOL, Heartbeat
+
 COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
 # requests that are steps of the migration: journaled before and after
 _STEPS = {"adopt_layers": "layers", "preload": "preload", "restore": "restore", "wait_pages": "memory pages",
@@ -58,6 +59,7 @@ class Agent:
     def __init__(self, runtime: Runtime):
         self.rt = runtime
         self.pending: _Pending | None = None
+        self.heartbeat_agreed = False  # hello came from a controller of our protocol: both send heartbeats
 
     def handle(self, msg: dict) -> dict:
         op = msg.get("op")
@@ -69,6 +71,9 @@ class Agent:
             faults.point("target-" + (step or op).replace(" ", "-"))
         p = self.pending if step else None
         if p is not None:
+            if self.rt.catalog.journal.get(p.migration, journal.TARGET).outcome == journal.ABORTED:
+                # decided by the agent a source asked on a new connection (this one hung meanwhile)
+                raise Conflict(f"the migration of {p.name} was aborted here")
             self.rt.catalog.journal.note(p.migration, journal.TARGET, step, "begin")
         try:
             answer = method(msg)
@@ -83,7 +88,8 @@ class Agent:
             self.rt.catalog.journal.note(p.migration, journal.TARGET, step, "done")
         return answer
 
-    def op_hello(self, _msg: dict) -> dict:
+    def op_hello(self, msg: dict) -> dict:
+        self.heartbeat_agreed = msg.get("protocol") == PROTOCOL
         return {"protocol": PROTOCOL,
                 "facts": host_facts(self.rt.root, [c.name for c in self.rt.catalog.containers()],
                                     self.rt.layers.digests())}
@@ -292,6 +298,9 @@ def _abort_copy(root, name: str, migration: str) -> None:
         rec = rt.catalog.find_container(name)
         if rec is None or rec.migration != migration:
             return
+        if rec.state == states.CREATED:  # preloaded, never restored: its shim idles until its agent goes
+            rt.discard(name)  # (and a restore still to come fails on the missing record)
+            return
         Cgroups(rec.cgroups).kill()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # its fenced shim sees it die and removes the record
@@ -323,24 +332,90 @@ def _end_transfer(p: _Pending) -> None:
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> int:
-    """Answer requests until EOF; an uncommitted migration is undone on the way out. Each
-    answer carries its request's id; a request longer than MAX_REQUEST ends the session."""
+    """Answer requests until EOF, or until the controller has been silent past the heartbeat's
+    limit (once hello agreed on one); an uncommitted migration is undone on the way out. Each
+    answer carries its request's id; a request longer than MAX_LINE ends the session."""
     rt = Runtime()
     agent = Agent(rt)
+    requests = _Requests(inp)
+    send = _Sender(out)
+    heartbeat: Heartbeat | None = None
     try:
-        while line := inp.readline(MAX_REQUEST + 1):
-            if len(line) > MAX_REQUEST:
-                out.write(json.dumps({"ok": False, "exit_code": 2,
-                                      "error": f"a request longer than {MAX_REQUEST} bytes: refused"}) + "\n")
-                out.flush()
+        while True:
+            try:
+                line = requests.next(HEARTBEAT_SILENCE if heartbeat else None)
+            except TimeoutError:
+                print(f"migrate agent: no word from the controller for {HEARTBEAT_SILENCE:.0f} s: "
+                      "undoing what it left uncommitted", file=sys.stderr)
+                return 3
+            if line is None:
+                return 0
+            if len(line) > MAX_LINE:
+                send.answer({"ok": False, "exit_code": 2, "error": f"a request longer than {MAX_LINE} bytes: refused"})
                 return 2
-            answer = _answer(agent, line)
-            out.write(json.dumps(answer) + "\n")
-            out.flush()
+            send.answer(_answer(agent, line))
+            if heartbeat is None and agent.heartbeat_agreed:
+                heartbeat = Heartbeat(send.line)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         agent.abort()
         rt.close()
-    return 0
+
+
+class _Requests:
+    """The controller's lines, heartbeats skipped; with a real file descriptor, reading can
+    give up on silence. (A stream without one, as in unit tests, is read line by line.)"""
+
+    def __init__(self, inp):
+        try:
+            self._fd: int | None = inp.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None
+        self._inp = inp
+        self._buf = bytearray()
+        self._eof = False
+
+    def next(self, silence: float | None) -> str | None:
+        """The next request line, None at EOF; TimeoutError after SILENCE seconds without a byte."""
+        while True:
+            line = self._line(silence)
+            if line is None or line.rstrip("\r\n").encode() != HEARTBEAT:
+                return line
+
+    def _line(self, silence: float | None) -> str | None:
+        if self._fd is None:
+            return self._inp.readline(MAX_LINE + 1) or None
+        while (end := self._buf.find(b"\n")) < 0:
+            if len(self._buf) > MAX_LINE or (self._eof and self._buf):
+                line, self._buf = bytes(self._buf), bytearray()
+                return line.decode(errors="replace")
+            if self._eof:
+                return None
+            if silence is not None and not select.select([self._fd], [], [], silence)[0]:
+                raise TimeoutError
+            data = os.read(self._fd, 65536)
+            self._eof = not data
+            self._buf += data
+        line = bytes(self._buf[: end + 1])
+        del self._buf[: end + 1]
+        return line.decode(errors="replace")
+
+
+class _Sender:
+    """Whole lines to the controller, from the main thread and the heartbeat's alike."""
+
+    def __init__(self, out):
+        self._out = out
+        self._lock = threading.Lock()
+
+    def answer(self, obj: dict) -> None:
+        self.line(json.dumps(obj).encode())
+
+    def line(self, data: bytes) -> None:
+        with self._lock:
+            self._out.write(data.decode() + "\n")
+            self._out.flush()
 
 
 def _answer(agent: Agent, line: str) -> dict:

@@ -27,8 +27,8 @@ from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_fact
 from runtime.snapshots import dump, dump_blocker, tree_size
 
 from . import preflight, steps
-from .agent import PROTOCOL
 from .hosts import resolve_host
+from .protocol import PROTOCOL
 from .ssh import RemoteProcess, SSHSession
 from .stats import MigrationStats
 from .transfer import DelayedProgress, Rsync, missing_layers
@@ -168,10 +168,11 @@ class Migration:
             # this host's facts are gathered while the other host gathers its own
             local = pool.submit(host_facts, self.rt.root, [], [])
             cpu = pool.submit(cpuinfo_dump, Criu())
-            hello = agent.call("hello")
+            hello = agent.call("hello", protocol=PROTOCOL)
             if hello.get("protocol") != PROTOCOL:
                 raise MigrationFailed(f"cannot migrate to {self.spec.alias}: its migrate speaks protocol "
                                       f"{hello.get('protocol')}, this one {PROTOCOL}; install the same version on both")
+            agent.proc.start_heartbeat()
             remote = hello["facts"]
             self._preflight(agent, local.result(), remote, cpu.result())
         self.rt.catalog.transition(self.name, "migrate")
@@ -248,6 +249,7 @@ class Migration:
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         self._begin("checkpoint")
+        agent.proc.check()  # an agent known gone already is found before anything freezes
         self.freeze_started = time.monotonic()
         self.frozen_until = self.freeze_started + self.freeze_timeout
         if self.stats.mode == "lazy":

@@ -23,12 +23,12 @@ from errno import ECONNREFUSED
 import paramiko
 
 from migrate.hosts import HostSpec
+from migrate.protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, Heartbeat
 from runtime.errors import InvalidInput, PeerLost, RemoteError
 
 __all__ = ["RemoteProcess", "SSHSession", "rsync_ssh_command", "rsync_target"]
 
 _CHUNK = 65536
-MAX_LINE = 4 << 20  # bytes: no message of the protocol comes near it
 KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the connection is dead
 KEEPALIVE_COUNT = 3
 
@@ -157,26 +157,41 @@ class RemoteProcess:
     def __init__(self, chan: paramiko.Channel, what: str):
         self._chan = chan
         self._what = what
+        self._send_lock = threading.Lock()  # the heartbeat's thread writes too: whole lines only
+        self._heard = time.monotonic()  # when the peer last sent anything, a heartbeat included
+        self._heartbeat: Heartbeat | None = None
+        self._ended = threading.Event()  # the peer's output reached its end
         self._lines: queue.Queue[bytes | None] = queue.Queue()
-        self._stdout = _LineSplitter(self._lines.put)
+        self._stdout = _LineSplitter(self._line)
         self._stderr_tail: collections.deque[bytes] = collections.deque(maxlen=20)
         self._stderr = _LineSplitter(self._stderr_tail.append)
         self._stdout_thread = _thread(self._pump_stdout)
         self._stderr_thread = _thread(_drain, chan.recv_stderr, self._stderr.feed)
 
+    def start_heartbeat(self) -> None:
+        """From now on (both ends speak the protocol's heartbeat) send one every interval, and
+        take HEARTBEAT_SILENCE seconds without a word from the peer for its loss."""
+        if self._heartbeat is None:
+            self._heard = time.monotonic()
+            self._heartbeat = Heartbeat(self._send_line)
+
     def send(self, obj: object) -> None:
-        line = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-        try:
-            self._chan.sendall(line)
-        except (OSError, EOFError, paramiko.SSHException) as e:
-            raise PeerLost(f"cannot send to {self._what}: {_reason(e)}") from None
+        self._send_line(json.dumps(obj, separators=(",", ":")).encode())
 
     def recv(self, timeout: float | None = None) -> object:
-        """Next message; RemoteError on timeout, on exit of the peer, or on a line that is not JSON."""
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise PeerLost(f"no message from {self._what} within {timeout} s") from None
+        """Next message; PeerLost on timeout, on silence past the heartbeat's limit, on exit of
+        the peer, or on a line that is not JSON."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            try:
+                line = self._lines.get(timeout=max(0.0, wait))
+                break
+            except queue.Empty:
+                if self._heartbeat is not None and time.monotonic() - self._heard > HEARTBEAT_SILENCE:
+                    raise PeerLost(f"no word from {self._what} for {HEARTBEAT_SILENCE:.0f} s") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise PeerLost(f"no message from {self._what} within {timeout} s") from None
         if line is None:
             self._lines.put(None)
             raise PeerLost(self._exit_message())
@@ -185,8 +200,30 @@ class RemoteProcess:
         except ValueError:
             raise PeerLost(f"{self._what} sent a line that is not JSON: {line[:120]!r}") from None
 
+    def check(self) -> None:
+        """PeerLost if the peer is known gone already: its output ended, or it has been silent
+        past the heartbeat's limit. Costs no round trip."""
+        if self._ended.is_set():
+            raise PeerLost(self._exit_message())
+        if self._heartbeat is not None and time.monotonic() - self._heard > HEARTBEAT_SILENCE:
+            raise PeerLost(f"no word from {self._what} for {HEARTBEAT_SILENCE:.0f} s")
+
+    def _send_line(self, line: bytes) -> None:
+        try:
+            with self._send_lock:
+                self._chan.sendall(line + b"\n")
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise PeerLost(f"cannot send to {self._what}: {_reason(e)}") from None
+
+    def _line(self, line: bytes) -> None:
+        self._heard = time.monotonic()
+        if line != HEARTBEAT:
+            self._lines.put(line)
+
     def close(self, timeout: float = 5.0) -> int:
         """Send EOF (the peer's cue to exit), wait up to TIMEOUT, close. Exit status or -1."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if not self._chan.closed:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 self._chan.shutdown_write()
@@ -205,6 +242,7 @@ class RemoteProcess:
 
     def _pump_stdout(self) -> None:
         _drain(self._chan.recv, self._stdout.feed)
+        self._ended.set()
         self._lines.put(None)
 
     def _exit_message(self) -> str:

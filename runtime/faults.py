@@ -7,7 +7,7 @@ checkpoint-published, checkpoint-dumped in `checkpoint`; pages-stall, not a fail
 but a silent page connection: the target's lazy-pages daemon is stopped) makes those points raise;
 `name:kill` makes the process die there at once (SIGKILL), as it would by the OOM killer or a
 crash, `name:kill-parent` kills the process that started it (and waits until it is gone), and
-`name:hang` stops there, answering nothing, until something arrives on its stdin or it ends
+`name:hang` stops there, answering nothing and sending no heartbeat, until its stdin ends
 (the agent: until the controller gives up on it), as a stalled network or host would.
 They cost one environment lookup and are inert otherwise.
 """
@@ -16,11 +16,13 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 
 from .errors import MigrateError
 
 HANG_LIMIT = 600.0
+_hanging = threading.Event()
 
 
 def active(name: str) -> bool:
@@ -39,6 +41,23 @@ def point(name: str) -> None:
         while os.path.exists(f"/proc/{parent}") and os.getppid() == parent:
             time.sleep(0.01)
     if f"{name}:hang" in faults:
-        select.select([sys.stdin], [], [], HANG_LIMIT)
+        _hang()
     if name in faults:
         raise MigrateError(f"injected fault at {name}")
+
+
+def hanging() -> bool:
+    """Whether this process is stopped at a `hang` point (its heartbeat stops too)."""
+    return _hanging.is_set()
+
+
+def _hang() -> None:
+    """Wait until stdin's other end is closed: only hang-up and errors are polled for, not
+    data, so heartbeats arriving meanwhile do not end it."""
+    _hanging.set()
+    try:
+        poller = select.poll()
+        poller.register(sys.stdin.fileno(), getattr(select, "POLLRDHUP", 0))
+        poller.poll(HANG_LIMIT * 1000)
+    finally:
+        _hanging.clear()

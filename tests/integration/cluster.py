@@ -161,11 +161,22 @@ def assert_no_migration_leftovers(*nodes: HostCLI) -> None:
 
 def set_host_env(hosts, name: str, env: dict[str, str]) -> None:
     """Add env entries to [hosts.NAME] of the hosts' tool config, keeping what is there."""
+    table = _update_host(hosts, name, lambda t: t.setdefault("env", {}).update(env))
+    assert dict(hosts.spec(name).remote_env) == table["env"]
+
+
+def set_host_command(hosts, name: str, argv: list[str]) -> None:
+    """[hosts.NAME] command = ARGV: what the other hosts run there over SSH."""
+    _update_host(hosts, name, lambda t: t.update(command=list(argv)))
+    assert list(hosts.spec(name).remote_command) == list(argv)
+
+
+def _update_host(hosts, name: str, change) -> dict:
     config = tomllib.loads(hosts.tool_config.read_text())
     table = config.setdefault("hosts", {}).setdefault(name, {})
-    table.setdefault("env", {}).update(env)
+    change(table)
     hosts.tool_config.write_text(_toml(config))
-    assert dict(hosts.spec(name).remote_env) == table["env"]
+    return table
 
 
 def _toml(config: dict) -> str:

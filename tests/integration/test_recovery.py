@@ -9,7 +9,7 @@ import time
 
 import pytest
 from clihost import COUNTER, IMAGE, _cli, assert_consecutive, counter_numbers, proc_gone, proc_identity, wait_until
-from cluster import assert_no_migration_leftovers, set_host_env, start_counter
+from cluster import assert_counts_on, assert_no_migration_leftovers, set_host_env, start_counter
 
 from runtime import linux
 
@@ -150,4 +150,50 @@ def test_one_operation_at_a_time_and_a_dead_owners_lock_clears(two):
     set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": ""})
     wait_until(lambda: not b._procs_of_root(), 30, "the agent that hung to end")
     a.ok("checkpoint", "--leave-running", "c1")  # free again
+    assert_no_migration_leftovers(a, b)
+
+
+def test_an_agent_that_goes_silent_is_given_up_within_the_heartbeat_limit(two):
+    """The agent stops answering and beating while it restores (a stalled host): the controller
+    gives it up after the heartbeat's silence, far sooner than the freeze deadline, and the
+    source resumes once a new connection has decided the abort there."""
+    a, b = two["host-a"], two["host-b"]
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "target-restore:hang"})
+    before = start_counter(two)
+    pid = a.container("c1")["pid"]
+    started = time.monotonic()
+    r = a.fails(8, "c1", "host-b", "--mode", "copy", "--freeze-timeout", "300")
+    assert time.monotonic() - started < 90, str(r)
+    assert "no word from" in r.err and "keeps running here" in r.err, str(r)
+    assert a.container("c1")["pid"] == pid
+    assert_counts_on(two, "host-a", "c1", before)
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": ""})
+    wait_until(lambda: not b._procs_of_root(), 30, "the agent that hung to end")
+    assert b.ps() == {}
+    assert_no_migration_leftovers(a, b)
+
+
+def test_a_controller_that_goes_silent_is_given_up_by_the_agent(two):
+    """The controller stops (and so stops beating) after the target preloaded: the agent gives
+    it up after the heartbeat's silence and undoes everything there, while the controller still
+    hangs; when it goes on, it finds the agent gone and keeps the container running here."""
+    a, b = two["host-a"], two["host-b"]
+    before = start_counter(two)
+    pid = a.container("c1")["pid"]
+    env = {**a.env, "MIGRATE_FAULTS": "source-checkpoint:hang"}
+    proc = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", "copy"], env=env, cwd=a.work,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: "c1" in b.ps(), 60, "host-b to preload c1")
+        wait_until(lambda: b.ps() == {} and not b._procs_of_root(), 60, "host-b's agent to give up and undo")
+        assert proc.poll() is None  # the controller still hangs
+        _, err = proc.communicate(timeout=120)  # its stdin closed: it goes on
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 8 and "keeps running here" in err, err
+    assert a.container("c1")["pid"] == pid and a.container("c1")["state"] == "running"
+    assert_counts_on(two, "host-a", "c1", before)
+    assert b.ps() == {}
     assert_no_migration_leftovers(a, b)

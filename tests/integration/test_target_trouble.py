@@ -1,14 +1,18 @@
 """Trouble on the target that can be known before the freeze is refused there, in one line, with
 nothing changed on either host: a full disk (a small tmpfs as its state root), CRIU missing or
-older than here (a name taken there: test_migration.py). What cannot be known before (a
+older than here, a migrate there that speaks another protocol (a name taken there:
+test_migration.py). What cannot be known before (a
 restore that fails, a commit refused) rolls back with the source running: test_migration.py, test_commit.py."""
 
 import os
 import subprocess
+import sys
 
 import pytest
-from cluster import assert_no_migration_leftovers, assert_refused_and_unchanged, set_host_env, start_counter
+from cluster import (assert_no_migration_leftovers, assert_refused_and_unchanged, set_host_command, set_host_env,
+                     start_counter)
 
+from migrate.protocol import PROTOCOL
 from runtime.criu import find_binary
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -60,3 +64,21 @@ def test_a_target_whose_criu_is_older_is_refused(two, tmp_path):
     err = _refused(two)
     assert "host-b has CRIU 3.1, older than" in err and "cannot read these images" in err, err
 
+
+
+OLD_AGENT = """import json, sys
+for line in sys.stdin:
+    request = json.loads(line)
+    print(json.dumps({{"id": request.get("id"), "ok": True, "protocol": {protocol}, "facts": {{}}}}), flush=True)
+"""
+
+
+def test_a_target_that_speaks_another_protocol_is_refused_at_hello(two, tmp_path):
+    """An older migrate on the target (here: a stand-in that answers hello as the previous protocol version would)."""
+    old = tmp_path / "old-agent.py"
+    old.write_text(OLD_AGENT.format(protocol=PROTOCOL - 1))
+    set_host_command(two.hosts, "host-b", [sys.executable, str(old)])
+    start_counter(two)
+    err = _refused(two)
+    assert f"its migrate speaks protocol {PROTOCOL - 1}, this one {PROTOCOL}" in err, err
+    assert "install the same version on both" in err, err

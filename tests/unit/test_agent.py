@@ -3,6 +3,7 @@ keeps, and how a failed CRIU step on the target is reported with its kept log.""
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -262,7 +263,7 @@ def test_the_agent_echoes_ids_and_refuses_what_is_not_a_request(rt, monkeypatch)
     answers = [json.loads(x) for x in out.getvalue().splitlines()]
     assert [(a["ok"], a.get("id")) for a in answers] == [(False, 3), (False, None), (False, None)]
     assert "unknown agent request 'nope'" in answers[0]["error"]
-    monkeypatch.setattr(agent_module, "MAX_REQUEST", 100)
+    monkeypatch.setattr(agent_module, "MAX_LINE", 100)
     out = io.StringIO()
     assert agent_module.serve(io.StringIO('{"op": "' + "x" * 200 + '"}\n{"id": 1, "op": "hello"}\n'), out) == 2
     assert out.getvalue().count("\n") == 1 and "longer than 100 bytes" in out.getvalue()
@@ -291,3 +292,44 @@ def test_the_controller_names_the_targets_criu_log_with_the_host():
     plain = AgentHandle(FakeProcess({"ok": False, "error": "injected fault at restore", "exit_code": 1}), "host-b")
     with pytest.raises(RemoteError, match=r"^host-b: injected fault at restore$"):
         plain.call("restore", name="c1")
+
+
+def test_after_hello_the_agent_beats_and_gives_up_on_a_silent_controller(rt, monkeypatch):
+    """Once hello agreed on the protocol, heartbeats flow to the controller while the agent
+    waits, the controller's own are skipped, and silence past the limit ends the session."""
+    import io
+    import threading
+
+    from migrate import agent as agent_module
+    from migrate import protocol
+
+    monkeypatch.setattr(agent_module, "Runtime", lambda: rt)
+    monkeypatch.setattr(rt, "close", lambda: None)
+    monkeypatch.setattr(protocol, "HEARTBEAT_INTERVAL", 0.1)
+    monkeypatch.setattr(agent_module, "HEARTBEAT_SILENCE", 1.0)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "r") as inp:
+        os.write(write_end, b'{"id": 1, "op": "hello", "protocol": %d}\n' % protocol.PROTOCOL)
+        beats = threading.Timer(0.5, os.write, (write_end, protocol.HEARTBEAT + b"\n"))
+        beats.start()
+        out = io.StringIO()
+        started = time.monotonic()
+        assert agent_module.serve(inp, out) == 3  # 0.5 s, a heartbeat, then 1 s of nothing
+        assert 1.4 < time.monotonic() - started < 5
+    os.close(write_end)
+    lines = out.getvalue().splitlines()
+    assert json.loads(lines[0])["protocol"] == protocol.PROTOCOL
+    assert lines.count(protocol.HEARTBEAT.decode()) >= 5 and len(set(lines[1:])) == 1
+
+
+def test_only_a_controller_of_our_protocol_gets_heartbeats(rt):
+    """An older controller would misread a heartbeat as an answer: hello without our protocol
+    number is answered (the controller refuses the mismatch), and no heartbeat is agreed."""
+    from migrate.protocol import PROTOCOL
+
+    agent = Agent(rt)
+    assert agent.op_hello({"protocol": PROTOCOL - 1})["protocol"] == PROTOCOL and not agent.heartbeat_agreed
+    agent.op_hello({})
+    assert not agent.heartbeat_agreed
+    agent.op_hello({"protocol": PROTOCOL})
+    assert agent.heartbeat_agreed
