@@ -24,6 +24,7 @@ from runtime.container import Runtime
 from runtime.criu import Criu, abort_lazy_dump
 from runtime.errors import CriuError, InDoubt, MigrateError, MigrationFailed, PeerLost, RemoteError
 from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
+from runtime.reconcile import secure_dump
 from runtime.snapshots import dump, dump_blocker, tree_size
 
 from . import preflight, steps
@@ -183,6 +184,7 @@ class Migration:
         except InDoubt:
             in_doubt = True  # its images stay in outgoing: the frozen state, complete (copy mode)
             self.rt.catalog.transition(self.name, "migrate-in-doubt", owner=None)
+            secure_dump(outgoing)
             raise
         except BaseException as e:
             if isinstance(e, CriuError):  # CRIU's log is in outgoing, which goes now: keep a copy

@@ -10,10 +10,13 @@ nobody decided yet, ending the target's copy) and then:
 |---|---|
 | committed | the frozen processes are killed, the record and folders removed |
 | aborted (or never heard of it) | the processes are thawed: it runs here again |
+| aborted; the processes here gone (a restart) | copy mode: its dump becomes a snapshot (`checkpointed`) |
+| the same, in lazy mode | `lost` (its memory was never in the dump) |
 | nothing (unreachable) | it stays frozen and in doubt; recover says so and exits 9 |
 """
 
 import shutil
+import time
 from dataclasses import dataclass
 
 from runtime import journal, states
@@ -21,6 +24,7 @@ from runtime.cgroups import Cgroups
 from runtime.container import Runtime
 from runtime.errors import MigrateError, NotFound
 from runtime.reconcile import end_source_copy
+from runtime.snapshots import Snapshots
 
 from .hosts import resolve_host
 
@@ -29,7 +33,7 @@ from .hosts import resolve_host
 class Outcome:
     container: str
     peer: str
-    result: str  # moved, kept, lost, in-doubt, settled
+    result: str  # moved, kept, checkpointed, lost, in-doubt, running
     message: str
 
 
@@ -72,15 +76,23 @@ def _resolve(rt: Runtime, rec, row, ssh_config: str | None, tool_config: str | N
         return Outcome(rec.name, row.peer, "moved", f"{rec.name} runs on {row.peer} (it committed): removed here")
     rt.catalog.journal.decide(row.id, journal.SOURCE, journal.ABORTED)
     cgroups = Cgroups(rec.cgroups)
-    shutil.rmtree(rt.root.outgoing / rec.name, ignore_errors=True)
+    outgoing = rt.root.outgoing / rec.name
     if cgroups.pids():
         cgroups.thaw()
         rt.catalog.transition(rec.name, "recover-kept")
         result, message = "kept", f"{row.peer} never committed {rec.name}: it runs here again"
+    elif (snap := Snapshots(rt).keep_dump(rec.name, outgoing)) is not None:
+        rt.release(rec.name)
+        rt.catalog.transition(rec.name, "recover-checkpointed", pid=None, shim_pid=None, finished=time.time())
+        result, message = "checkpointed", (
+            f"{row.peer} never committed {rec.name}, and its processes here are gone (the host restarted?): "
+            f"the checkpoint made for the move is kept as snapshot {snap.id}; `migrate restore {rec.name}` "
+            "resumes it")
     else:
         rt.catalog.transition(rec.name, "lost", pid=None, shim_pid=None)
         rt.release(rec.name)
         result, message = "lost", (f"{row.peer} never committed {rec.name}, and its processes here are gone "
                                    "(the host restarted?): it is lost; restore it from a snapshot")
+    shutil.rmtree(outgoing, ignore_errors=True)
     rt.catalog.journal.finish(row.id, journal.SOURCE)
     return Outcome(rec.name, row.peer, result, message)

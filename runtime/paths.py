@@ -11,6 +11,8 @@ from pathlib import Path
 DEFAULT_ROOT = Path("/var/lib/migrate")
 PARTIAL_PREFIX = ".partial-"  # snapshots/.partial-ID: a checkpoint still writing (or one that died)
 SNAPSHOT_META = "snapshot.json"  # in a published snapshot: its catalog row, so it can be adopted
+CHECKPOINT_META = "checkpoint.json"  # in every dump: how it was made (lazy or not), the stdio it had
+DUMP_SYNCED = "synced"  # in an in-doubt migration's complete dump: its files are on disk
 
 
 @dataclass(frozen=True)

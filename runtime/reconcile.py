@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import linux, states
 from .cgroups import Cgroups
-from .paths import PARTIAL_PREFIX, SNAPSHOT_META, StateRoot
+from .paths import CHECKPOINT_META, DUMP_SYNCED, PARTIAL_PREFIX, SNAPSHOT_META, StateRoot
 from .spec import ContainerSpec
 from .store import Catalog, ContainerRecord, SnapshotRecord, own_identity
 
@@ -218,6 +218,21 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
     return [f"removed what a migration that died left in {root.root}: {', '.join(removed)}"] if removed else []
 
 
+def secure_dump(folder: Path) -> None:
+    """An in-doubt migration's dump, if complete (copy mode: a lazy dump keeps memory out of
+    its images), is put on disk and marked so: should the host restart before the doubt is
+    settled, `recover` makes it the container's snapshot (Snapshots.keep_dump)."""
+    try:
+        lazy = json.loads((folder / CHECKPOINT_META).read_text()).get("lazy", True)
+    except (OSError, ValueError):
+        return
+    if lazy:
+        return
+    linux.fsync_tree(folder)
+    (folder / DUMP_SYNCED).touch()
+    linux.fsync_dir(folder)
+
+
 def end_source_copy(catalog: Catalog, name: str, discard) -> None:
     """The target has the container: end what is left of it here (frozen or already killed by
     CRIU), its record and folder, and close its journal."""
@@ -257,6 +272,8 @@ def reconcile(root: StateRoot, catalog: Catalog, release, discard) -> list[str]:
         elif action == "migrate-in-doubt":
             Cgroups(rec.cgroups).freeze(wait=False)  # it is already; and stays so without a CRIU
             settled = catalog.settle(rec.name, rec, action)
+            if settled:
+                secure_dump(root.outgoing / rec.name)
         else:
             settled = catalog.settle(rec.name, rec, action, pid=None, shim_pid=None)
             if settled:

@@ -30,11 +30,10 @@ from .cgroups import Cgroups
 from .criu import Criu, RestoreOptions, _rpc
 from .errors import CriuError, MigrateError
 from .layers import LayerStore
-from .paths import StateRoot
+from .paths import CHECKPOINT_META, StateRoot
 from .spec import ContainerSpec
 from .store import Catalog
 
-CHECKPOINT_META = "checkpoint.json"
 COMMIT = b"c"  # on a fenced shim's go pipe: the migration committed, the copy here is the one
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

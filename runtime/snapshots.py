@@ -21,9 +21,8 @@ from .cgroups import Cgroups
 from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
 from .errors import CriuError, MigrateError, NotFound
-from .paths import SNAPSHOT_META
+from .paths import CHECKPOINT_META, DUMP_SYNCED, SNAPSHOT_META
 from .reconcile import OWNER_FILE, adopt_snapshot, write_owner
-from .shim import CHECKPOINT_META
 from .spec import ContainerSpec, validate_name
 from .store import ContainerRecord, SnapshotRecord, own_identity
 
@@ -122,7 +121,7 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
     sdir.mkdir(mode=0o700, exist_ok=True)
     (sdir / "images").mkdir(mode=0o700)
     (sdir / SPEC_FILE).write_text(rec.spec.to_json())
-    (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid)}))
+    (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid), "lazy": lazy_port is not None}))
 
     def notified(script: str, _pid: int) -> None:
         if script == "post-dump":
@@ -195,27 +194,43 @@ class Snapshots:
         return snap
 
     def _dump(self, rec: ContainerRecord, partial: Path, final: Path, leave_running: bool, meta: dict) -> None:
-        """CRIU dump into `partial`; while the tree is still frozen, the upper dir and log are
-        copied, everything is synced, and the folder is renamed to `final`."""
-        cdir = self.root.container_dir(rec.name)
-
-        def publish() -> None:
-            copy_tree(cdir / "upper", partial / "upper")
-            if (cdir / "container.log").exists():
-                shutil.copy2(cdir / "container.log", partial / "container.log")
-            faults.point("checkpoint-written")
-            spec = json.loads((partial / SPEC_FILE).read_text())
-            (partial / SNAPSHOT_META).write_text(json.dumps({**meta, "created": time.time(), "spec": spec,
-                                                             "size": tree_size(partial)}))
-            linux.fsync_tree(partial)
-            os.rename(partial, final)
-            linux.fsync_dir(final.parent)
-            faults.point("checkpoint-published")
-
+        """CRIU dump into `partial`; while the tree is still frozen, it is published as `final`."""
         self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
         partial.mkdir(mode=0o700)
         write_owner(partial / OWNER_FILE)
-        dump(rec, partial, leave_running, publish)
+        dump(rec, partial, leave_running, lambda: self._publish(rec.name, partial, final, meta))
+
+    def _publish(self, name: str, folder: Path, final: Path, meta: dict) -> None:
+        """A dump in `folder` becomes the snapshot `final`: the container's upper dir and log are
+        copied beside its images, everything is synced, and one rename publishes it."""
+        cdir = self.root.container_dir(name)
+        shutil.rmtree(folder / "upper", ignore_errors=True)  # a copy an earlier attempt began
+        copy_tree(cdir / "upper", folder / "upper")
+        if (cdir / "container.log").exists():
+            shutil.copy2(cdir / "container.log", folder / "container.log")
+        faults.point("checkpoint-written")
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        (folder / SNAPSHOT_META).write_text(json.dumps({**meta, "created": time.time(), "spec": spec,
+                                                        "size": tree_size(folder)}))
+        linux.fsync_tree(folder)
+        os.rename(folder, final)
+        linux.fsync_dir(final.parent)
+        faults.point("checkpoint-published")
+
+    def keep_dump(self, name: str, folder: Path) -> SnapshotRecord | None:
+        """The dump of a migration that never happened becomes NAME's snapshot, if it is complete
+        and on disk (`secure_dump` marked it): its processes are gone, and it is the only copy
+        of them. Published in place, so that no moment exists where a sweep could take it for
+        an unfinished checkpoint; the upper dir is the one it was frozen with."""
+        if not (folder / DUMP_SYNCED).exists():
+            return None
+        snapshot_id = secrets.token_hex(6)
+        meta = {"id": snapshot_id, "container": name, "tag": None, "criu_version": Criu().version()}
+        self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._publish(name, folder, self.root.snapshot_dir(snapshot_id), meta)
+        snap = adopt_snapshot(self.catalog, self.root.snapshot_dir(snapshot_id))
+        _mark_upper_snapshot(self.root.container_dir(name), snapshot_id)
+        return snap
 
     def restore(self, name: str, ref: str | None = None, new_name: str | None = None,
                 tcp_close: bool = False) -> ContainerRecord:

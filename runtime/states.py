@@ -36,6 +36,7 @@ _ACTIONS: dict[str, tuple[frozenset[str], str]] = {
     "migrate-rolled-back": (frozenset({MIGRATING}), RUNNING),
     "migrate-in-doubt": (frozenset({MIGRATING}), IN_DOUBT),
     "recover-kept": (frozenset({IN_DOUBT}), RUNNING),  # the target never committed: it runs here again
+    "recover-checkpointed": (frozenset({IN_DOUBT}), CHECKPOINTED),  # ... and its processes were gone: its dump is kept
     "stop": (frozenset({RUNNING}), RUNNING),
     "remove": (frozenset({CREATED, EXITED, CHECKPOINTED, LOST}), "removed"),
     # found by reconcile (runtime/reconcile.py), from facts rather than from the operation itself

@@ -4,12 +4,13 @@ or the controller SIGKILLed around the decision, an agent that stops answering, 
 cannot be reached any more; then `migrate recover`."""
 
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 from clihost import _cli, assert_consecutive, counter_numbers, wait_until
-from cluster import assert_counts_on, assert_no_migration_leftovers, set_host_env, start_counter
+from cluster import assert_counts_on, assert_no_migration_leftovers, kill_in_cgroups, set_host_env, start_counter
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -136,3 +137,44 @@ def test_recover_with_bad_input_says_so(two):
     assert "no such container or unfinished migration: nope" in a.fails(3, "recover", "nope").err
     assert a.ok("recover").out.strip() == "nothing to recover here"
 
+
+
+def test_a_source_host_restarted_while_in_doubt_keeps_its_dump_as_a_snapshot(two):
+    """The target's agent dies at the commit (so its copy is ended there: aborted) while host-b
+    cannot be asked again: the source stays in doubt. Then the source "restarts": every process
+    of the container and its shim is killed. Its only copy is the dump made for the move:
+    recover, once host-b answers, keeps it as a snapshot, and restore resumes the counter where
+    it was frozen, with no restart."""
+    a, b = two["host-a"], two["host-b"]
+    netns = two.hosts["host-b"].netns
+    set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "commit:kill"})
+    before = start_counter(two)
+    _track_ssh(netns)
+    env = {**a.env, "MIGRATE_FAULTS": "source-commit:hang"}
+    proc = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", "copy"], env=env, cwd=a.work,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: b.ps().get("c1", {}).get("state") == "running", 60, "host-b to restore")
+        _block_new_ssh(netns)
+        _, err = proc.communicate(timeout=120)  # its stdin closed: it goes on and sends the commit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        assert proc.returncode == 9 and "held frozen here" in err, err
+        rec = a.record("c1")
+        assert a.container("c1")["state"] == "in-doubt"
+        os.kill(rec["shim_pid"], signal.SIGKILL)  # as a restart would, with every process
+        kill_in_cgroups(set(rec["cgroups"].values()))
+    finally:
+        _unblock_ssh(netns)
+    wait_until(lambda: b.ps() == {}, 30, "host-b's fenced copy to be gone")
+    r = a.ok("recover")
+    assert "the checkpoint made for the move is kept as snapshot" in r.out and "migrate restore c1" in r.out, str(r)
+    assert a.container("c1")["state"] == "checkpointed"
+    a.ok("restore", "c1")
+    nums = assert_counts_on(two, "host-a", "c1", before)
+    assert_consecutive(nums)
+    assert "c1" not in b.ps()
+    assert_no_migration_leftovers(a, b)

@@ -9,8 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from cluster import (assert_no_migration_leftovers, assert_refused_and_unchanged, set_host_command, set_host_env,
-                     start_counter)
+from cluster import (
+    assert_no_migration_leftovers,
+    assert_refused_and_unchanged,
+    set_host_command,
+    set_host_env,
+    start_counter,
+)
 
 from migrate.protocol import PROTOCOL
 from runtime.criu import find_binary

@@ -186,3 +186,22 @@ def test_a_checkpoint_that_died_after_publishing_leaves_it_checkpointed():
     assert decide(states.CHECKPOINTING, f)[0] == "checkpoint-done-stopped"
     f = Facts(owner_alive=False, shim_alive=True, tree_alive=True, traced=False, published=True)
     assert decide(states.CHECKPOINTING, f)[0] == "resumed"  # CRIU let the tree go: it runs, the snapshot stays
+
+
+def test_only_a_complete_in_doubt_dump_is_marked_for_keeping(tmp_path):
+    """Copy mode's dump holds all of the memory: synced and marked, it can become a snapshot if
+    the host restarts while in doubt. A lazy dump's images lack the memory: never marked."""
+    from runtime.paths import CHECKPOINT_META, DUMP_SYNCED
+    from runtime.reconcile import secure_dump
+
+    for lazy in (False, True):
+        folder = tmp_path / f"lazy-{lazy}"
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "pages-1.img").write_bytes(b"x" * 4096)
+        (folder / CHECKPOINT_META).write_text(json.dumps({"pipes": {}, "lazy": lazy}))
+        secure_dump(folder)
+        assert (folder / DUMP_SYNCED).exists() is not lazy
+    older = tmp_path / "no-meta"  # a dump that says nothing of how it was made is not trusted
+    older.mkdir()
+    secure_dump(older)
+    assert not (older / DUMP_SYNCED).exists()
