@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", required=True)
     run.add_argument("--memory", type=parse_size, help="memory limit, e.g. 512m")
     run.add_argument("--cpus", type=float, help="CPU limit, e.g. 0.5")
+    run.add_argument("--pids", type=int, help="at most this many processes and threads")
     run.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     run.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CT[:ro]")
     run.add_argument("-w", "--workdir", metavar="DIR")
@@ -241,7 +242,8 @@ def dispatch(a) -> int:
             return _image_cmd(rt, a)
         if a.verb == "run":
             rec = rt.run(RunRequest(name=a.name, image=a.image, command=tuple(a.command), env=tuple(a.env),
-                                    volumes=tuple(a.volume), working_dir=a.workdir, memory=a.memory, cpus=a.cpus))
+                                    volumes=tuple(a.volume), working_dir=a.workdir, memory=a.memory, cpus=a.cpus,
+                                    pids=a.pids))
             output.out.print(rec.name)
             return 0
         if a.verb == "ps":

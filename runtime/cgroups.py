@@ -1,53 +1,95 @@
-"""A container's cgroups, on cgroup v1, v2 or the hybrid of both, behind one small interface.
+"""A container's cgroups, on cgroup v1, v2 or the hybrid of both, in a place of the tool's own.
 
-Containers go below the cgroup the tool itself runs in (per hierarchy), so the tool never
-escapes the limits it was given. The absolute folders are recorded with the container,
-so a later call from elsewhere finds and removes exactly those.
+Never below the caller's cgroup: an SSH login's session scope is systemd's, may not have
+controllers enabled below it, and is killed with everything in it when the session ends. So
+the place is chosen from the host alone (`plan`, a pure function of its mounts and of whether
+systemd runs), made anew on this host at every start and restore, and recorded with the
+container so later calls from anywhere find exactly those folders:
+
+- where PID 1 is systemd: one transient scope per container, `migrate.slice/GROUP-NAME.scope`,
+  delegated to us (`Delegate=yes`), started around the shim by `systemd-run --scope`. When its
+  last process ends, systemd removes the scope and everything below it.
+- elsewhere (and for cgroup v1 hierarchies, which systemd does not delegate): a fixed folder
+  GROUP/NAME at the top of each hierarchy, GROUP being `migrate` (or one per state root, so
+  test hosts sharing a kernel never clash; MIGRATE_CGROUP_ROOT names another: paths.py).
+
+Either folder (the scope, or GROUP/NAME) holds two leaves: `shim`, where the shim moves itself,
+and `container`, for the container's processes, so that controllers can be enabled on the
+folder (cgroup v2 allows no processes beside child cgroups that have them) and the limits
+bind the container alone.
 """
 
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import linux
-from .errors import MigrateError
+from .errors import Conflict, MigrateError
 from .spec import Limits
 
 CPU_PERIOD_US = 100_000
+SLICE = "migrate.slice"
 _V1_CONTROLLERS = ("memory", "cpu", "pids")
+_V2_CONTROLLERS = ("memory", "cpu", "pids")  # enabled wherever available: `ps` shows memory use without a limit
+SHIM_LEAF, CONTAINER_LEAF = "shim", "container"
 
 
-def _mounts() -> tuple[dict[str, str], str | None]:
-    """(v1 controller -> mount point, cgroup2 mount point)."""
+@dataclass(frozen=True)
+class HostCgroups:
+    """What decides where cgroups go on a host: its cgroup mounts, and whether systemd runs."""
+
+    v1: dict  # controller -> mount point
+    v2: str | None  # the cgroup2 mount point (pure v2, or hybrid's /sys/fs/cgroup/unified)
+    systemd: bool
+
+    @classmethod
+    def of_this_host(cls) -> "HostCgroups":
+        with open("/proc/self/mountinfo") as f:
+            v1, v2 = parse_mounts(f.read())
+        return cls(v1, v2, systemd_runs())
+
+
+def parse_mounts(mountinfo: str) -> tuple[dict[str, str], str | None]:
+    """(v1 controller -> mount point, cgroup2 mount point) from /proc/self/mountinfo's text."""
     v1: dict[str, str] = {}
     v2 = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            point = left.split()[4]
-            fstype, _source, options = right.split()[:3]
-            if fstype == "cgroup2":
-                v2 = point
-            elif fstype == "cgroup":
-                for opt in options.split(","):
-                    if opt in _V1_CONTROLLERS:
-                        v1[opt] = point
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        if not right:
+            continue
+        point = left.split()[4]
+        fstype, _source, options = right.split()[:3]
+        if fstype == "cgroup2":
+            v2 = point
+        elif fstype == "cgroup":
+            for opt in options.split(","):
+                if opt in _V1_CONTROLLERS:
+                    v1[opt] = point
     return v1, v2
 
 
-def _own_paths() -> dict[str, str]:
-    """Hierarchy key ('memory', 'cpu', ... or '' for cgroup2) -> our cgroup path in it."""
-    own: dict[str, str] = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _id, controllers, path = line.rstrip("\n").split(":", 2)
-            for c in controllers.split(","):
-                own[c] = path
-    return own
+def systemd_runs() -> bool:
+    """PID 1 is systemd (sd_booted's test) and systemd-run is there to ask it for a scope.
+    MIGRATE_CGROUP_MANAGER=cgroupfs (or systemd) overrides what is found."""
+    forced = os.environ.get("MIGRATE_CGROUP_MANAGER")
+    if forced in ("cgroupfs", "systemd"):
+        return forced == "systemd"
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemd-run") is not None
+
+
+def plan(host: HostCgroups, group: str, name: str) -> "Cgroups":
+    """The folders of container NAME on HOST: hierarchy key ('unified' for cgroup2) -> the
+    absolute folder its processes go to. A pure function: the same host, the same answer."""
+    paths = {ctrl: os.path.join(point, group, name, CONTAINER_LEAF) for ctrl, point in host.v1.items()}
+    if host.v2 is not None:
+        base = os.path.join(SLICE, f"{group}-{name}.scope") if host.systemd else os.path.join(group, name)
+        paths["unified"] = os.path.join(host.v2, base, CONTAINER_LEAF)
+    return Cgroups(paths)
 
 
 @dataclass(frozen=True)
@@ -57,55 +99,113 @@ class Cgroups:
     paths: dict
 
     @classmethod
-    def plan(cls, parent: str, name: str) -> "Cgroups":
-        v1, v2 = _mounts()
-        own = _own_paths()
-        paths = {}
-        for ctrl, point in v1.items():
-            paths[ctrl] = os.path.join(point, own.get(ctrl, "/").lstrip("/"), parent, name)
-        if v2 is not None:
-            paths["unified"] = os.path.join(v2, own.get("", "/").lstrip("/"), parent, name)
-        return cls(paths)
+    def plan(cls, group: str, name: str) -> "Cgroups":
+        return plan(HostCgroups.of_this_host(), group, name)
 
     @property
     def pure_v2(self) -> bool:
         return set(self.paths) == {"unified"}
 
+    @property
+    def scope(self) -> Path | None:
+        """The systemd scope the container lives in, if it does."""
+        unified = self.paths.get("unified")
+        parent = Path(unified).parent if unified is not None else None
+        return parent if parent is not None and parent.name.endswith(".scope") else None
+
+    def launcher(self, description: str) -> list[str]:
+        """argv prefix that starts the shim in the container's scope (none without systemd).
+        A scope left by the container's previous run is waited for: systemd removes an empty
+        one a moment after its last process ends."""
+        scope = self.scope
+        if scope is None:
+            return []
+        self._wait_gone(scope)
+        return ["systemd-run", "--scope", "--quiet", "--collect", f"--unit={scope.name}", f"--slice={SLICE}",
+                "--property=Delegate=yes", f"--description={description}", "--"]
+
+    @staticmethod
+    def _wait_gone(scope: Path, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while scope.exists():
+            try:
+                populated = "populated 1" in (scope / "cgroup.events").read_text()
+            except FileNotFoundError:
+                return
+            if populated:
+                pids = sorted(_procs_below(scope))[:5]
+                raise Conflict(f"systemd unit {scope.name} of an earlier run still has processes "
+                               f"({', '.join(map(str, pids))}): stop it with `systemctl stop {scope.name}`")
+            if time.monotonic() > deadline:
+                raise MigrateError(f"systemd did not remove the empty unit {scope.name} within {timeout:.0f} s")
+            time.sleep(0.05)
+
     def create(self, limits: Limits) -> None:
+        """Make the folders and apply the limits. Run by the shim, which first moves itself to
+        the `shim` leaf: out of its caller's cgroup, and out of the way of the controllers."""
         for path in self.paths.values():
+            shim_leaf = Path(path).parent / SHIM_LEAF
+            shim_leaf.mkdir(parents=True, exist_ok=True)
+            (shim_leaf / "cgroup.procs").write_text(str(os.getpid()))
             os.makedirs(path, exist_ok=True)
-        if self.pure_v2:
-            self._enable_v2_controllers()
+        unified = self.paths.get("unified")
+        if unified is not None:
+            scope = self.scope
+            top = scope if scope is not None else Path(unified).parents[2]  # what is ours to write to
+            self._enable_v2_controllers(top, Path(unified))
         self._write_limits(limits)
 
-    def _enable_v2_controllers(self) -> None:
-        parent = Path(self.paths["unified"]).parent
-        available = (parent.parent / "cgroup.subtree_control").read_text().split()
-        wanted = [c for c in ("memory", "cpu", "pids") if c in available]
-        if wanted:
-            (parent / "cgroup.subtree_control").write_text(" ".join("+" + c for c in wanted))
+    def leave(self) -> None:
+        """The shim, about to end, moves to the top of each hierarchy of ours, so that its
+        folders can go (a scope is systemd's: it goes when the shim has ended)."""
+        host = HostCgroups.of_this_host()
+        for key in self.paths:
+            top = host.v2 if key == "unified" else host.v1.get(key)
+            if top is not None and not (key == "unified" and self.scope is not None):
+                with contextlib.suppress(OSError):
+                    Path(top, "cgroup.procs").write_text(str(os.getpid()))
+
+    @staticmethod
+    def _enable_v2_controllers(top: Path, leaf: Path) -> None:
+        """From TOP down to LEAF's parent, each available controller of the wanted ones on."""
+        chain = [top, *reversed([p for p in leaf.parents if top in p.parents])]
+        for folder in chain:
+            available = (folder / "cgroup.controllers").read_text().split()
+            for controller in (c for c in _V2_CONTROLLERS if c in available):
+                # one by one: one that cannot be enabled (cpu, with realtime tasks about) must
+                # not cost the others; a limit that needs it fails clearly when it is written
+                with contextlib.suppress(OSError):
+                    (folder / "cgroup.subtree_control").write_text("+" + controller)
 
     def _write_limits(self, limits: Limits) -> None:
-        writes: list[tuple[str, str, str]] = []
+        """(hierarchy, file, value, required): swap is kept to the limit where the kernel
+        accounts it, so a container past its memory limit is OOM-killed, not swapped out."""
+        writes: list[tuple[str, str, str, bool]] = []
         if self.pure_v2:
             if limits.memory_bytes:
-                writes.append(("unified", "memory.max", str(limits.memory_bytes)))
+                writes += [("unified", "memory.max", str(limits.memory_bytes), True),
+                           ("unified", "memory.swap.max", "0", False)]
             if limits.cpus:
-                writes.append(("unified", "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}"))
+                writes.append(("unified", "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}", True))
             if limits.pids:
-                writes.append(("unified", "pids.max", str(limits.pids)))
+                writes.append(("unified", "pids.max", str(limits.pids), True))
         else:
             if limits.memory_bytes:
-                writes.append(("memory", "memory.limit_in_bytes", str(limits.memory_bytes)))
+                writes += [("memory", "memory.limit_in_bytes", str(limits.memory_bytes), True),
+                           ("memory", "memory.memsw.limit_in_bytes", str(limits.memory_bytes), False)]
             if limits.cpus:
-                writes.append(("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)))
-                writes.append(("cpu", "cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US))))
+                writes += [("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US), True),
+                           ("cpu", "cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)), True)]
             if limits.pids:
-                writes.append(("pids", "pids.max", str(limits.pids)))
-        for key, filename, value in writes:
-            if key not in self.paths:
-                raise MigrateError(f"cannot apply {filename}: this host has no {key} cgroup controller")
-            Path(self.paths[key], filename).write_text(value)
+                writes.append(("pids", "pids.max", str(limits.pids), True))
+        for key, filename, value, required in writes:
+            target = Path(self.paths[key], filename) if key in self.paths else None
+            if target is None or not target.exists():
+                if not required:
+                    continue
+                raise MigrateError(f"cannot apply {filename}: this host has no {filename.split('.')[0]} "
+                                   "cgroup controller for containers")
+            target.write_text(value)
 
     def add(self, pid: int) -> None:
         for path in self.paths.values():
@@ -163,7 +263,9 @@ class Cgroups:
         return None
 
     def remove(self, timeout: float = 10.0) -> None:
-        """rmdir every folder; tasks that were just killed may take a moment to leave."""
+        """rmdir the container's folders; tasks that were just killed may take a moment to
+        leave. Then, once empty, the shim's leaf, the container's folder and the group's (a
+        scope is systemd's to remove: it does once its last process, the shim, has ended)."""
         deadline = time.monotonic() + timeout
         for path in self.paths.values():
             while True:
@@ -176,10 +278,19 @@ class Cgroups:
                     if e.errno != errno.EBUSY or time.monotonic() > deadline:
                         raise MigrateError(f"cannot remove cgroup {path}: {e.strerror}") from None
                     time.sleep(0.05)
-            try:  # the per-root parent goes too once its last container is gone
-                os.rmdir(os.path.dirname(path))
-            except OSError:
-                pass
+            base = Path(path).parent
+            if base != self.scope:
+                for folder in (base / SHIM_LEAF, base, base.parent):
+                    with contextlib.suppress(OSError):  # busy: a shim still in it, or other containers
+                        folder.rmdir()
 
     def exists(self) -> bool:
         return any(os.path.isdir(p) for p in self.paths.values())
+
+
+def _procs_below(folder: Path) -> set[int]:
+    found: set[int] = set()
+    for dirpath, _dirs, _files in os.walk(folder):
+        with contextlib.suppress(OSError, ValueError):
+            found.update(int(p) for p in Path(dirpath, "cgroup.procs").read_text().split())
+    return found

@@ -38,6 +38,7 @@ class RunRequest:
     working_dir: str | None = None
     memory: int | None = None
     cpus: float | None = None
+    pids: int | None = None
 
 
 class Runtime:
@@ -76,13 +77,15 @@ class Runtime:
                 raise NotFound(f"volume source {v.host_path} does not exist")
         if req.cpus is not None and req.cpus <= 0:
             raise InvalidInput("--cpus must be positive")
+        if req.pids is not None and req.pids <= 0:
+            raise InvalidInput("--pids must be positive")
         working_dir = req.working_dir or cfg.get("working_dir") or "/"
         if not working_dir.startswith("/"):
             raise InvalidInput(f"working directory must be absolute: {working_dir}")
         return ContainerSpec(
             name=req.name, image=image.name, image_id=image.id, layers=image.layers, argv=argv,
             env=tuple(cfg.get("env") or ()) + req.env, working_dir=working_dir, volumes=volumes,
-            limits=Limits(memory_bytes=req.memory, cpus=req.cpus),
+            limits=Limits(memory_bytes=req.memory, cpus=req.cpus, pids=req.pids),
         )
 
     def run(self, req: RunRequest) -> ContainerRecord:
@@ -102,7 +105,7 @@ class Runtime:
                 raise NotFound(f"layer {digest} of {spec.image} is missing from the layer store")
 
     def create_record(self, spec: ContainerSpec, state: str = states.CREATED) -> None:
-        """Catalog entry, folders and planned cgroups: the parts a start or restore builds on."""
+        """Catalog entry and folders: the parts a start or restore builds on."""
         self.catalog.add_container(spec, state)
         cdir = self.root.container_dir(spec.name)
         try:
@@ -112,8 +115,6 @@ class Runtime:
             raise Conflict(f"leftover directory {cdir} is in the way: remove it first") from None
         for sub in ("upper", "work", "rootfs"):
             (cdir / sub).mkdir()
-        cgroups = Cgroups.plan(self.root.cgroup_parent, spec.name)
-        self.catalog.set_fields(spec.name, cgroups=cgroups.paths)
 
     def spawn_shim(self, name: str, mode: str, snapshot: Path | None = None, lazy: bool = False,
                    tcp_close: bool = False) -> int:
@@ -129,9 +130,13 @@ class Runtime:
         the journal says the migration committed: a target copy never outlives an agent that
         did not commit it."""
         cdir = self.root.container_dir(name)
+        # made anew for every start and restore, on this host: never a path recorded elsewhere
+        cgroups = Cgroups.plan(self.root.cgroup_parent, name)
+        launcher = cgroups.launcher(f"migrate container {name} ({self.root.root})")
+        self.catalog.set_fields(name, cgroups=cgroups.paths)
         status_r, status_w = os.pipe()
         go_r, go_w = os.pipe()
-        argv = [sys.executable, "-m", "runtime.shim", mode, name, "--status-fd", str(status_w)]
+        argv = [*launcher, sys.executable, "-m", "runtime.shim", mode, name, "--status-fd", str(status_w)]
         if snapshot is not None:
             argv += ["--snapshot", str(snapshot)]
         if lazy:

@@ -70,7 +70,11 @@ class StateRoot:
 
     @property
     def cgroup_parent(self) -> str:
-        """Cgroup folder for this root's containers; unique per root so hosts sharing a kernel never clash."""
+        """The group of this root's containers' cgroups (runtime/cgroups.py): MIGRATE_CGROUP_ROOT,
+        else unique per root so hosts sharing a kernel never clash."""
+        chosen = os.environ.get("MIGRATE_CGROUP_ROOT", "").strip("/")
+        if chosen:
+            return chosen
         if self.root == DEFAULT_ROOT:
             return "migrate"
         return "migrate-" + hashlib.sha256(str(self.root).encode()).hexdigest()[:10]

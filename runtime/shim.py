@@ -184,6 +184,7 @@ class Shim:
 
     def teardown(self) -> None:
         rootfs.unmount_all(self.rootfs)
+        self.cgroups.leave()
         self.cgroups.remove()
 
 

@@ -234,7 +234,7 @@ class MigrateHost:
     def cgroup_parents(self) -> list[str]:
         """This root's per-root cgroup folder in every hierarchy (containers live below it)."""
         planned = Cgroups.plan(self.state.cgroup_parent, "x").paths
-        return sorted({os.path.dirname(p) for p in planned.values()})
+        return sorted({str(Path(p).parents[1]) for p in planned.values()})
 
     def teardown(self) -> list[str]:
         """Remove everything; returns what had to be removed by force (leaks of the runtime)."""

@@ -1,6 +1,7 @@
 """Container lifecycle through the real `migrate` CLI: images, run, ps, logs, exec, stop, rm, limits."""
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -152,9 +153,11 @@ def assert_limits(host, name: str) -> None:
     assert _limit_files(cgroups) == {"memory": str(64 << 20), "cpu": "50000 100000"}
 
 
-def test_memory_and_cpu_limits_reach_the_cgroups(bb):
-    bb.ok("run", "--name", "c1", "--memory", "64m", "--cpus", "0.5", IMAGE, "sleep", "1000")
+def test_memory_cpu_and_pids_limits_reach_the_cgroups(bb):
+    bb.ok("run", "--name", "c1", "--memory", "64m", "--cpus", "0.5", "--pids", "50", IMAGE, "sleep", "1000")
     assert_limits(bb, "c1")
+    cgroups = bb.record("c1")["cgroups"]
+    assert Path(cgroups.get("pids", cgroups.get("unified")), "pids.max").read_text().strip() == "50"
     # the limit holds: 200 MiB in one buffer is killed by the OOM killer, 16 MiB is fine
     bb.ok("run", "--name", "c2", "--memory", "64m", IMAGE, "sh", "-c",
           "dd if=/dev/zero of=/dev/null bs=200M count=1 2>/dev/null; echo big=$?; "
@@ -183,3 +186,38 @@ def assert_all_gone(host, name: str, rec: dict, procs: list) -> None:
     assert not cdir.exists()
     assert name not in host.catalog()
     assert name not in host.ps()
+
+
+def test_a_containers_cgroups_are_the_tools_own_not_its_callers(bb):
+    """Run from inside a cgroup of its own in every hierarchy (as an SSH login sits in its
+    session's scope): neither the container nor its shim stays there, so that cgroup can be
+    removed (as systemd does when the session ends) with the container running on, in folders
+    at the top of each hierarchy, with the shim in a leaf beside the container's."""
+    from runtime.cgroups import HostCgroups
+
+    host = HostCgroups.of_this_host()
+    tops = [*host.v1.values(), *([host.v2] if host.v2 else [])]
+    session = [Path(top, f"session-test-{os.getpid()}") for top in tops]
+    enter = "; ".join(f"echo $$ > {p}/cgroup.procs" for p in session)
+    try:
+        for p in session:
+            p.mkdir()
+        subprocess.run([*bb.prefix, "sh", "-c", enter + '; exec "$@"', "sh", *_cli(), "run", "--name", "c1",
+                        IMAGE, *SLEEPER], env=bb.env, cwd=bb.work, check=True, capture_output=True, timeout=60)
+        rec = bb.record("c1")
+        for p in session:
+            assert (p / "cgroup.procs").read_text() == "", p
+            p.rmdir()  # the session ends
+        for key, path in rec["cgroups"].items():
+            top = host.v2 if key == "unified" else host.v1[key]
+            assert Path(path).parent.parent.parent == Path(top) and Path(path).name == "container", path
+            assert str(rec["shim_pid"]) in (Path(path).parent / "shim" / "cgroup.procs").read_text().split()
+        time.sleep(0.5)
+        assert bb.container("c1")["state"] == "running" and linux.pid_running(rec["pid"])
+    finally:
+        for p in session:
+            if p.is_dir():
+                for pid in (p / "cgroup.procs").read_text().split():
+                    linux.send_signal(int(pid), signal.SIGKILL)
+                wait_until(lambda p=p: not (p / "cgroup.procs").read_text(), 10, "the session cgroup to empty")
+                p.rmdir()
