@@ -25,7 +25,7 @@ from pathlib import Path
 from runtime import criulogs, faults, journal, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import LaunchedShim, Runtime
-from runtime.criu import PAGES_STALL, Criu, LazyPagesDaemon
+from runtime.criu import PAGES_STALL, Criu, LazyPagesDaemon, PageServer
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
 from runtime.facts import cpuinfo_check, host_facts
 from runtime.reconcile import owner_file, write_transfer_owner
@@ -36,8 +36,9 @@ from .protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, PROTOCOL, Heartbea
 
 COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
 # requests that are steps of the migration: journaled before and after
-_STEPS = {"adopt_layers": "layers", "preload": "preload", "restore": "restore", "wait_pages": "memory pages",
-          "commit": "commit"}
+_STEPS = {"adopt_layers": "layers", "preload": "preload", "page_server": "pre-copy", "restore": "restore",
+          "wait_pages": "memory pages", "commit": "commit"}
+_ROUND_FOLDER = re.compile(r"pre-[1-9][0-9]{0,2}|images")  # pre-copy's rounds, then the final dump's
 _MIGRATION_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
@@ -51,6 +52,8 @@ class _Pending:
     staging: Path
     adopted: list[str] = field(default_factory=list)
     pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
+    page_server: PageServer | None = None  # pre-copy: receiving a round's pages
+    rounds: list[str] = field(default_factory=list)  # pre-copy: the folders of the rounds received
     shim: LaunchedShim | None = None  # started before the freeze, told to go at restore
     deadline: threading.Timer | None = None  # aborts the restored copy if no commit comes in time
 
@@ -146,6 +149,31 @@ class Agent:
         # fenced: until the commit, the restored copy lives only as long as this agent does
         p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")),
                                      tcp_close=bool(msg.get("tcp_close")), migration=p.migration)
+        return {}
+
+    def op_page_server(self, msg: dict) -> dict:
+        """Pre-copy: a page server for the next round (a pre-dump's, or the final dump's into
+        `images`), in its own folder linked to the round before; the source's CRIU reaches it
+        at 127.0.0.1:PORT here, forwarded through the SSH connection."""
+        p = self._pending(msg)
+        folder = msg.get("folder")
+        if not isinstance(folder, str) or not _ROUND_FOLDER.fullmatch(folder) or folder in p.rounds:
+            raise InvalidInput(f"bad pre-copy folder {folder!r}")
+        if p.page_server is not None:
+            raise Conflict(f"the page server of round {p.rounds[-1]} is still running")
+        (p.incoming / folder).mkdir(mode=0o700)
+        port = linux.free_local_port()
+        p.page_server = Criu().page_server(p.incoming / folder, port, f"../{p.rounds[-1]}" if p.rounds else None)
+        p.rounds.append(folder)
+        return {"port": port}
+
+    def op_page_server_done(self, msg: dict) -> dict:
+        """The round's pages are all here (the page server ended well), or the round failed."""
+        p = self._pending(msg)
+        if p.page_server is None:
+            raise Conflict(f"no page server runs for {p.name}")
+        server, p.page_server = p.page_server, None
+        server.wait(float(msg.get("timeout_s", 60)))
         return {}
 
     def op_restore(self, msg: dict) -> dict:
@@ -262,6 +290,8 @@ class Agent:
             self.rt.discard(p.name)
         if p.pages is not None:  # only now: the tree must never run without its pages
             p.pages.kill()
+        if p.page_server is not None:
+            p.page_server.kill()
         _end_transfer(p)
         if p.adopted:
             self._remove_layers(p.adopted)

@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="migrate",
-        usage="migrate NAME HOST [--mode auto|copy|lazy] [--json]\n       migrate COMMAND ...",
+        usage="migrate NAME HOST [--mode auto|copy|precopy|lazy] [--json]\n       migrate COMMAND ...",
         description="Run containers, checkpoint and restore them, and move them live between hosts.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -107,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     mv.add_argument("name", help="the running container to move")
     mv.add_argument("host", help="a host as ssh knows it (~/.ssh/config, MIGRATE_SSH_CONFIG)")
     mv.add_argument("--mode", choices=MODES, default="auto",
-                    help="copy: freeze, copy everything, restore; lazy: restore at once, memory follows; "
-                         "auto: lazy when both hosts support it")
+                    help="copy: freeze, copy everything, restore; precopy: copy memory while it runs, then "
+                         "freeze for what changed; lazy: restore at once, memory follows; auto: precopy, else "
+                         "lazy, else copy, as both hosts support")
     mv.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
     mv.add_argument("--json", action="store_true", help="print the statistics as JSON")
     mv.add_argument("--tcp-close", action="store_true",

@@ -8,6 +8,7 @@ which step failed. Only after the commit is the source's copy removed.
 
 import base64
 import contextlib
+import dataclasses
 import secrets
 import shutil
 import signal
@@ -25,9 +26,9 @@ from runtime.criu import Criu, abort_lazy_dump
 from runtime.errors import CriuError, InDoubt, MigrateError, MigrationFailed, PeerLost, RemoteError
 from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
 from runtime.reconcile import secure_dump
-from runtime.snapshots import dump, dump_blocker, tree_size
+from runtime.snapshots import dump, dump_blocker, pre_dump, tree_size
 
-from . import preflight, steps
+from . import precopy, preflight, steps
 from .hosts import resolve_host
 from .protocol import PROTOCOL
 from .ssh import RemoteProcess, SSHSession
@@ -42,13 +43,6 @@ FREEZE_TIMEOUT = 120.0  # default bound on the source's frozen window (copy mode
 COMMIT_WINDOW = 30.0  # after the restore (copy) or the last page (lazy), the commit must arrive within this
 COMMIT_ANSWER_TIMEOUT = 10.0  # the target answers a commit at once: a silence this long means it is lost
 RESOLVE_TIMEOUT = 30.0  # how long a lost answer is asked for again before the source is held in doubt
-
-
-def free_local_port() -> int:
-    """A port for CRIU's page server; it must be picked just before use (never probed later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_on(spec, migration: str, timeout: float = 30.0) -> str:
@@ -213,16 +207,18 @@ class Migration:
         problems, notes = preflight.holdings_verdict(
             self.name, self.spec.alias, dump_blocker(rec), procfs.connections_to_outside(pids),
             procfs.open_databases(pids), self.tcp_close, self.allow_new_inodes, taken)
-        verdict = preflight.Verdict(verdict.mode, verdict.problems + tuple(problems))
+        verdict = dataclasses.replace(verdict, problems=verdict.problems + tuple(problems))
         self.stats.notes.extend(notes)
         if not verdict.problems:
             cpu = agent.call("cpuinfo_check", image=base64.b64encode(cpuinfo).decode())
             if not cpu["compatible"]:
-                verdict = preflight.Verdict(verdict.mode, (f"the CPU of {self.spec.alias} cannot run processes "
-                                                           f"dumped here: {cpu['message']}",))
+                problem = f"the CPU of {self.spec.alias} cannot run processes dumped here: {cpu['message']}"
+                verdict = dataclasses.replace(verdict, problems=(problem,))
         if verdict.problems:
             raise MigrationFailed(f"cannot migrate {self.name} to {self.spec.alias}: " + "; ".join(verdict.problems))
         self.stats.mode = verdict.mode
+        if verdict.why:
+            self.stats.notes.append(f"mode {verdict.why}")
         if verdict.mode == "lazy" and preflight.needs_pipe_size(local):
             PIPE_MAX_SIZE.write_text(str(LAZY_PIPE_SIZE))
             self.stats.notes.append(f"raised fs.pipe-max-size to {LAZY_PIPE_SIZE} on this host "
@@ -250,6 +246,7 @@ class Migration:
                        tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
+        parent = self._precopy(agent, rsync, rec, outgoing) if self.stats.mode == "precopy" else None
         self._begin("checkpoint")
         agent.proc.check()  # an agent known gone already is found before anything freezes
         self.freeze_started = time.monotonic()
@@ -257,8 +254,12 @@ class Migration:
         if self.stats.mode == "lazy":
             self._freeze_lazy(agent, session, rec, outgoing, lambda: self._ship(rsync, cdir, outgoing, incoming))
         else:
+            pages = self._page_server(agent, rsync, "images") if parent is not None else None
+
             def on_frozen() -> None:
                 try:
+                    if pages is not None:  # CRIU flushed the final round's pages before this hook
+                        agent.call("page_server_done", name=self.name, timeout=self._left(), timeout_s=self._left())
                     self._ship(rsync, cdir, outgoing, incoming)
                     with self._step("restore"), self.stats.phase("restore"):
                         # past this instant plus the window, an uncommitted copy there is gone
@@ -274,7 +275,45 @@ class Migration:
                     self._end_target_copy(agent, rec)  # before CRIU resumes the source
                     raise
 
-            dump(rec, outgoing, leave_running=False, on_frozen=on_frozen)
+            try:
+                dump(rec, outgoing, leave_running=False, on_frozen=on_frozen,
+                     page_server_port=pages[0] if pages else None, parent_images=parent)
+            finally:
+                if pages is not None:
+                    rsync.cancel_forward(*pages)
+
+    def _page_server(self, agent: Agent, rsync: Rsync, folder: str) -> tuple[int, int]:
+        """A page server on the target for one pre-copy round, reached through the shared SSH
+        connection: (port here, port there)."""
+        there = agent.call("page_server", name=self.name, folder=folder)["port"]
+        return rsync.forward(there), there
+
+    def _precopy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path) -> str:
+        """Pre-dump rounds while the container runs, each sending what was dirtied since the one
+        before, until a stop rule (migrate/precopy.py) says to freeze. Returns the last round's
+        folder, relative to the final dump's images, which sends only what is dirty since."""
+        rounds: list[precopy.Round] = []
+        parent = None
+        with self._step("pre-copy"), self.stats.phase("pre-copy (running)"):
+            outgoing.mkdir(mode=0o700)
+            while True:
+                folder = f"pre-{len(rounds) + 1}"
+                local, there = self._page_server(agent, rsync, folder)
+                started = time.monotonic()
+                try:
+                    written = pre_dump(rec, outgoing / folder, local, parent)
+                    agent.call("page_server_done", name=self.name, timeout=90, timeout_s=60)
+                finally:
+                    rsync.cancel_forward(local, there)
+                rounds.append(precopy.Round(written, time.monotonic() - started))
+                self.stats.bytes["pre-copy"] += written * precopy.PAGE_SIZE
+                parent = f"../{folder}"
+                reason = precopy.stop_reason(rounds)
+                if reason is not None:
+                    sizes = ", ".join(str(r.pages_written) for r in rounds)
+                    self.stats.notes.append(f"pre-copy: {len(rounds)} round(s) of {sizes} pages, then the freeze: "
+                                            f"{reason}")
+                    return parent
 
     def _left(self) -> float:
         """Seconds left of the frozen window; past it the migration fails (and rolls back)."""
@@ -295,7 +334,11 @@ class Migration:
             if (cdir / "container.log").exists():
                 sources.append(cdir / "container.log")
             # one rsync run: every run costs a round of SSH channel set-up inside the freeze
-            sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left())
+            # pre-copy: the target's page server wrote the memory there; --delete must leave it
+            keep = ("/images/pages-*.img", "/images/pagemap-*.img", "/images/page-server.log") \
+                if self.stats.mode == "precopy" else ()
+            sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left(),
+                              keep=keep)
             self.stats.bytes["images"] += min(sent, image_bytes)
             self.stats.bytes["upper"] += max(0, sent - image_bytes)
 
@@ -393,7 +436,7 @@ class Migration:
         failure resets the page connection: CRIU fails the dump and resumes the source. After it,
         a clean end of that connection tells CRIU to end the source tree (docs/lazy-migration.md).
         """
-        port = free_local_port()
+        port = linux.free_local_port()
         outcome: dict = {}
         ready = threading.Event()
 

@@ -9,14 +9,19 @@ from runtime.facts import LAZY_PIPE_SIZE
 
 from .output import human_size
 
-MODES = ("auto", "copy", "lazy")
+MODES = ("auto", "copy", "lazy", "precopy")
+PRE_DUMP_SINCE = (3, 17)  # one pre-dump per CRIU session (SINGLE_PRE_DUMP)
 DISK_HEADROOM = 1.2
+
+
+PAGE_WIRE_CHANGE = (4, 2)  # CRIU 4.2 widened its page-server messages (commit 7e0da4d97): no pairing across it
 
 
 @dataclass(frozen=True)
 class Verdict:
     mode: str
     problems: tuple[str, ...]
+    why: str = ""  # how `auto` chose its mode
 
 
 def version_tuple(version: str | None) -> tuple[int, ...]:
@@ -42,13 +47,41 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
     if free < need_bytes * DISK_HEADROOM:
         problems.append(f"{host} has {human_size(free)} free under {remote.get('root')}, "
                         f"the migration needs about {human_size(int(need_bytes * DISK_HEADROOM))}")
-    lazy_possible = lazy_implemented and bool(remote.get("lazy_pages")) and bool(local.get("lazy_pages"))
-    if mode == "lazy" and not lazy_possible:
-        why = "this build" if not lazy_implemented else (host if not remote.get("lazy_pages") else "this host")
-        problems.append("lazy mode needs userfaultfd (criu check --feature uffd-noncoop) "
-                        f"and is not available on {why}")
-    chosen = mode if mode != "auto" else ("lazy" if lazy_possible else "copy")
-    return Verdict(chosen, tuple(problems))
+    here, there = local.get("criu_version"), remote.get("criu_version")
+    same_wire = (version_tuple(here) >= PAGE_WIRE_CHANGE) == (version_tuple(there) >= PAGE_WIRE_CHANGE)
+    wire = (f"CRIU changed how its page server talks in 4.2, and this host has {here}, {host} {there}: "
+            "use --mode copy, or the same side of CRIU 4.2 on both hosts")
+    uffd = lazy_implemented and bool(remote.get("lazy_pages")) and bool(local.get("lazy_pages"))
+    dirty = bool(remote.get("dirty_tracking")) and bool(local.get("dirty_tracking"))
+    old_criu = min(version_tuple(here), version_tuple(there)) < PRE_DUMP_SINCE
+    if mode == "lazy":
+        if not uffd:
+            where = "this build" if not lazy_implemented else (host if not remote.get("lazy_pages") else "this host")
+            problems.append("lazy mode needs userfaultfd (criu check --feature uffd-noncoop) "
+                            f"and is not available on {where}")
+        elif not same_wire:
+            problems.append("lazy mode streams memory between the two CRIUs; " + wire)
+    if mode == "precopy":
+        if not dirty:
+            where = host if not remote.get("dirty_tracking") else "this host"
+            problems.append("pre-copy needs soft-dirty memory tracking (criu check --feature mem_dirty_track), "
+                            f"which the kernel of {where} lacks")
+        elif old_criu:
+            problems.append(f"pre-copy needs CRIU 3.17 or later on both hosts ({here} here, {there} on {host})")
+        elif not same_wire:
+            problems.append("pre-copy streams memory between the two CRIUs; " + wire)
+    if mode != "auto":
+        return Verdict(mode, tuple(problems))
+    if dirty and not old_criu and same_wire:
+        return Verdict("precopy", tuple(problems), "pre-copy: both hosts track dirtied memory")
+    if uffd and same_wire:
+        return Verdict("lazy", tuple(problems), "lazy: both hosts have userfaultfd"
+                       + ("" if dirty else " (no soft-dirty tracking for pre-copy)"))
+    if not same_wire and (uffd or dirty):
+        why = f"copy: CRIU {here} here and {there} on {host} cannot stream memory to each other (changed in 4.2)"
+    else:
+        why = "copy: neither soft-dirty tracking (pre-copy) nor userfaultfd (lazy) on both hosts"
+    return Verdict("copy", tuple(problems), why)
 
 
 def needs_pipe_size(local: dict) -> bool:

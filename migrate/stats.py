@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .output import human_size, print_note, print_table
 
-BYTE_KINDS = ("layers", "upper", "images", "pages")
+BYTE_KINDS = ("layers", "upper", "pre-copy", "images", "pages")
 
 
 @dataclass

@@ -27,6 +27,9 @@ STEPS = (
          False, "source", "the incoming folder is removed"),
     Step("preload", "the target writes the record and starts a fenced shim, idle",
          False, "source", "the record is removed, the shim told to exit"),
+    Step("pre-copy", "pre-copy mode: rounds of pre-dumps send the memory dirtied since the round before to a "
+         "page server on the target, while the container runs",
+         False, "source", "the target's page server and rounds go with its incoming folder"),
     Step("checkpoint", "CRIU dumps the container; from here the source is frozen",
          True, "source", "CRIU resumes the source; if the controller died, the next command here does"),
     Step("final sync", "CRIU's images and the last changes of the files, in one rsync run",

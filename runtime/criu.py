@@ -52,6 +52,10 @@ class DumpOptions:
     tcp_established: bool = True  # connections between the container's own processes
     lazy_pages: bool = False
     page_server: tuple[str, int] | None = None
+    # pre-copy: a pre-dump (memory only, the tree runs on), or a dump that sends only the pages
+    # dirtied since the images in parent_images (relative to the images folder) were written
+    pre_dump: bool = False
+    parent_images: str | None = None
     log_level: int = 4
     # inotify watches on overlay files: their file handles do not open, so CRIU finds the
     # watched paths by inode number in these folders of the container (only when needed;
@@ -93,9 +97,17 @@ def _request(kind: str, opts: DumpOptions | RestoreOptions, images_fd: int):
 
 
 def dump_request(opts: DumpOptions, images_fd: int):
-    req = _request("DUMP", opts, images_fd)
+    # one pre-dump per swrk session (CRIU >= 3.17): PRE_DUMP would bind the session to a DUMP
+    req = _request("SINGLE_PRE_DUMP" if opts.pre_dump else "DUMP", opts, images_fd)
     req.opts.pid = opts.pid
-    req.opts.leave_running = opts.leave_running
+    if opts.pre_dump:
+        req.opts.pre_dump_mode = _rpc().VM_READ  # splice pins every page in kernel pipes meanwhile
+    else:
+        req.opts.leave_running = opts.leave_running
+    if opts.pre_dump or opts.parent_images:
+        req.opts.track_mem = True  # a final dump without it sends every page again
+    if opts.parent_images:
+        req.opts.parent_img = opts.parent_images
     # connections still in a listener's accept queue, owned by no process yet, are dropped:
     # their clients see a reset, as if the server had been a moment slower
     req.opts.tcp_skip_in_flight = True
@@ -212,23 +224,28 @@ def abort_lazy_dump(port: int) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def pages_written(stats: Path) -> int:
+    """Pages a dump or pre-dump wrote (its stats-dump image, as CRIU's zdtm reads it)."""
+    from pycriu import images
+
+    with open(stats, "rb") as f:
+        return int(images.load(f)["entries"][0]["dump"].get("pages_written", 0))
+
+
 PAGES_STALL = 60.0  # seconds without a page arriving before a lazy transfer counts as failed
 
 
-class LazyPagesDaemon:
-    """`criu lazy-pages`: fills a lazily restored tree's memory from the source's page server.
+class _Daemon:
+    """A criu that serves the other host (lazy-pages, page-server): started with a status fd,
+    on which it writes one zero byte once it listens; its log in its images folder."""
 
-    It must run before the restore (which hands it the userfaultfds) and reads the images, so
-    they must be in place. Exit status 0 means every page arrived; anything else means the
-    restored tree would read zeroes where pages are missing, so the caller must kill it.
-    """
+    what = "criu"
 
-    def __init__(self, binary: str, images_dir: Path, port: int, timeout: float = 30.0):
+    def __init__(self, argv: list[str], log: Path, timeout: float = 30.0):
         status_r, status_w = os.pipe()
-        self.log = images_dir / "lazy-pages.log"
+        self.log = log
         self.proc = subprocess.Popen(
-            [binary, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
-             "-D", str(images_dir), "-o", self.log.name, "-v4", "--status-fd", str(status_w)],
+            [*argv, "-o", log.name, "-v4", "--status-fd", str(status_w)],
             pass_fds=(status_w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         os.close(status_w)
@@ -238,8 +255,55 @@ class LazyPagesDaemon:
             os.close(status_r)
         if not ready:
             self.kill()
-            raise CriuError(f"criu lazy-pages did not start: {'; '.join(log_errors(self.log)) or 'no answer'}",
-                            log=self.log, op="lazy-pages")
+            raise CriuError(f"{self.what} did not start: {'; '.join(log_errors(self.log)) or 'no answer'}",
+                            log=self.log, op=self.what.split()[-1])
+
+    def failure(self) -> str:
+        return "; ".join(log_errors(self.log)) or f"exit status {self.proc.returncode}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class PageServer(_Daemon):
+    """`criu page-server` on a pre-copy target: receives one round's pages (a pre-dump's, or the
+    final dump's) into images_dir, which links to the round before (`parent`), so a restore
+    from the last folder follows the chain. It serves one connection, then exits (0: all came)."""
+
+    what = "criu page-server"
+
+    def __init__(self, binary: str, images_dir: Path, port: int, parent: str | None = None):
+        argv = [binary, "page-server", "-D", str(images_dir), "--address", "127.0.0.1", "--port", str(port),
+                "--auto-dedup", *(["--prev-images-dir", parent] if parent else [])]
+        super().__init__(argv, images_dir / "page-server.log")
+
+    def wait(self, timeout: float) -> None:
+        """Until the round's pages are all in (CriuError if it failed or took past TIMEOUT)."""
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CriuError(f"the page server did not finish within {timeout:.0f} s", log=self.log,
+                            op="page-server") from None
+        if status != 0:
+            raise CriuError(f"the page server failed: {self.failure()}", log=self.log, op="page-server")
+
+
+class LazyPagesDaemon(_Daemon):
+    """`criu lazy-pages`: fills a lazily restored tree's memory from the source's page server.
+
+    It must run before the restore (which hands it the userfaultfds) and reads the images, so
+    they must be in place. Exit status 0 means every page arrived; anything else means the
+    restored tree would read zeroes where pages are missing, so the caller must kill it.
+    """
+
+    what = "criu lazy-pages"
+
+    def __init__(self, binary: str, images_dir: Path, port: int):
+        super().__init__([binary, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
+                          "-D", str(images_dir)], images_dir / "lazy-pages.log")
 
     def wait(self, timeout: float, stall: float = PAGES_STALL) -> int:
         """Its exit status; it is killed when it makes no progress for `stall` seconds (its log,
@@ -264,14 +328,6 @@ class LazyPagesDaemon:
                 self.kill()
                 raise CriuError(f"the lazy page transfer did not finish within {timeout:.0f} s",
                                 log=self.log, op="lazy-pages")
-
-    def failure(self) -> str:
-        return "; ".join(log_errors(self.log)) or f"exit status {self.proc.returncode}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 def _size(path: Path) -> int | None:
@@ -341,6 +397,15 @@ class Criu:
         self._run("dump", dump_request, opts, images_dir, on_notify, on_spawn)
         if not opts.leave_running:
             release_network_lock(images_dir / opts.log_file, opts.pid)
+
+    def pre_dump(self, opts: DumpOptions, images_dir: Path) -> int:
+        """One pre-copy round (opts.pre_dump): the pages dirtied since opts.parent_images go to
+        the page server at opts.page_server while the tree runs on. Returns how many it sent."""
+        self._run("pre-dump", dump_request, opts, images_dir, None)
+        return pages_written(images_dir / "stats-dump")
+
+    def page_server(self, images_dir: Path, port: int, parent: str | None = None) -> PageServer:
+        return PageServer(self.binary, images_dir, port, parent)
 
     def restore(self, opts: RestoreOptions, images_dir: Path, on_notify=None, on_spawn=None) -> int:
         """Restore; returns the host PID of the restored init, which is our child."""

@@ -6,6 +6,7 @@ Raising OSError with errno like the os module does keeps callers uniform.
 import ctypes
 import ctypes.util
 import os
+import socket
 import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -151,3 +152,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def free_local_port() -> int:
+    """A free port on 127.0.0.1 for a CRIU page server; pick it just before use."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -219,14 +219,15 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
 
 
 def secure_dump(folder: Path) -> None:
-    """An in-doubt migration's dump, if complete (copy mode: a lazy dump keeps memory out of
-    its images), is put on disk and marked so: should the host restart before the doubt is
-    settled, `recover` makes it the container's snapshot (Snapshots.keep_dump)."""
+    """An in-doubt migration's dump, if complete (copy mode: lazy and pre-copy dumps send
+    memory to the target, not into the images), is put on disk and marked so: should the host
+    restart before the doubt is settled, `recover` makes it the container's snapshot
+    (Snapshots.keep_dump)."""
     try:
-        lazy = json.loads((folder / CHECKPOINT_META).read_text()).get("lazy", True)
+        memory_here = json.loads((folder / CHECKPOINT_META).read_text()).get("memory_here", False)
     except (OSError, ValueError):
         return
-    if lazy:
+    if not memory_here:
         return
     linux.fsync_tree(folder)
     (folder / DUMP_SYNCED).touch()

@@ -88,7 +88,7 @@ def test_json_statistics(two):
     phases = stats["phases_s"]
     assert isinstance(phases, dict) and phases and all(isinstance(v, float) and v >= 0 for v in phases.values())
     assert sum(phases.values()) <= stats["total_s"] * 1.05 + 0.05, stats
-    assert set(stats["bytes"]) == {"layers", "upper", "images", "pages"}, stats
+    assert set(stats["bytes"]) == {"layers", "upper", "pre-copy", "images", "pages"}, stats
     assert all(isinstance(v, int) and v >= 0 for v in stats["bytes"].values()), stats
     assert stats["bytes"]["layers"] > 0 and stats["bytes"]["images"] > 0, stats
     assert stats["bytes_total"] == sum(stats["bytes"].values())

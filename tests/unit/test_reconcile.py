@@ -198,7 +198,7 @@ def test_only_a_complete_in_doubt_dump_is_marked_for_keeping(tmp_path):
         folder = tmp_path / f"lazy-{lazy}"
         (folder / "images").mkdir(parents=True)
         (folder / "images" / "pages-1.img").write_bytes(b"x" * 4096)
-        (folder / CHECKPOINT_META).write_text(json.dumps({"pipes": {}, "lazy": lazy}))
+        (folder / CHECKPOINT_META).write_text(json.dumps({"pipes": {}, "memory_here": not lazy}))
         secure_dump(folder)
         assert (folder / DUMP_SYNCED).exists() is not lazy
     older = tmp_path / "no-meta"  # a dump that says nothing of how it was made is not trusted

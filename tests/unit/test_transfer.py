@@ -38,7 +38,7 @@ def test_stats_json():
     s.bytes["images"] = 10
     s.downtime, s.total = 0.5, 2.0
     j = s.to_json()
-    assert j["bytes_total"] == 10 and set(j["bytes"]) == {"layers", "upper", "images", "pages"}
+    assert j["bytes_total"] == 10 and set(j["bytes"]) == {"layers", "upper", "pre-copy", "images", "pages"}
     assert "layers" in j["phases_s"] and j["downtime_s"] == 0.5
 
 

@@ -1,0 +1,50 @@
+"""The `guests` fixture: host-a and host-b booted once for the module, the checkout installed
+in both; shut down (by vmhosts, which ends its QEMUs by their PIDs) whatever happens."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+from guests import REPO, VMHOSTS, Guest, boot_and_install, shut_down
+
+from runtime.imagebuild import build_image, busybox_layer
+
+BUSYBOX = "/bin/busybox"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    if not VMHOSTS.exists():
+        reason = f"no {VMHOSTS} here (real-machine tests boot QEMU guests with it)"
+    elif os.geteuid() != 0:
+        reason = "the guests need root"
+    elif os.environ.get("MIGRATE_VM_TESTS") != "1":
+        reason = "set MIGRATE_VM_TESTS=1 to boot two Debian 12 guests (about 10 minutes)"
+    if reason:
+        for item in items:
+            if "vm" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory):
+    src = tmp_path_factory.mktemp("checkout") / "migrate"
+    # the tracked files as they are now (a clean checkout in CI), without .venv or caches
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    subprocess.run(["rsync", "-a", "--from0", "--files-from=-", f"{REPO}/", f"{src}/"], input=files, check=True)
+    image = tmp_path_factory.mktemp("image") / "busybox.tar"
+    build_image(image, busybox_layer(BUSYBOX), fmt="docker-archive", name="busybox:latest", config={"Cmd": ["sh"]})
+    try:
+        setups = boot_and_install(("host-a", "host-b"), src)
+        nodes = {name: Guest(name) for name in setups}
+        for guest in nodes.values():
+            guest.setup_output = setups[guest.name]
+        # on host-a only: a move to host-b brings the layers it lacks
+        subprocess.run([str(VMHOSTS), "copy", "host-a", str(image), "/root/busybox.tar"], check=True,
+                       capture_output=True, timeout=300)
+        nodes["host-a"].ok("migrate image import /root/busybox.tar")
+        yield nodes
+    finally:
+        shut_down()
+        shutil.rmtree(src, ignore_errors=True)
