@@ -207,6 +207,7 @@ class Migration:
         problems, notes = preflight.holdings_verdict(
             self.name, self.spec.alias, dump_blocker(rec), procfs.connections_to_outside(pids),
             procfs.open_databases(pids), self.tcp_close, self.allow_new_inodes, taken)
+        problems += preflight.limits_verdict(self.name, rec.spec.limits, remote)
         verdict = dataclasses.replace(verdict, problems=verdict.problems + tuple(problems))
         self.stats.notes.extend(notes)
         if not verdict.problems:

@@ -84,6 +84,20 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
     return Verdict("copy", tuple(problems), why)
 
 
+def limits_verdict(name: str, limits, remote: dict) -> list[str]:
+    """The container's limits need controllers the target has (else its restore there would
+    fail inside the freeze). A target that does not say (an older agent) is not judged."""
+    have = remote.get("cgroup_controllers")
+    if have is None:
+        return []
+    need = [c for c, v in (("memory", limits.memory_bytes), ("cpu", limits.cpus), ("pids", limits.pids)) if v]
+    lacking = [c for c in need if c not in have]
+    if not lacking:
+        return []
+    return [f"{remote.get('hostname', 'the target')} cannot apply the limits of {name}: it has no "
+            f"{', '.join(lacking)} cgroup controller for containers"]
+
+
 def needs_pipe_size(local: dict) -> bool:
     """Lazy dumps need big pipes on the source (else `page-pipe: tee: ... Operation not permitted`)."""
     return local.get("pipe_max_size", 0) < LAZY_PIPE_SIZE

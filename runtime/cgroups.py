@@ -54,6 +54,16 @@ class HostCgroups:
         return cls(v1, v2, systemd_runs())
 
 
+def controllers(host: HostCgroups) -> list[str]:
+    """The limit controllers containers can have here: v1 hierarchies, or cgroup2's own where
+    there are no v1 ones (on hybrid hosts cgroup2 has none)."""
+    found = set(host.v1)
+    if host.v2 is not None and not host.v1:
+        with contextlib.suppress(OSError):
+            found |= set(Path(host.v2, "cgroup.controllers").read_text().split()) & set(_V2_CONTROLLERS)
+    return sorted(found)
+
+
 def parse_mounts(mountinfo: str) -> tuple[dict[str, str], str | None]:
     """(v1 controller -> mount point, cgroup2 mount point) from /proc/self/mountinfo's text."""
     v1: dict[str, str] = {}

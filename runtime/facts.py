@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .cgroups import HostCgroups, controllers
 from .criu import Criu
 from .errors import CriuError
 from .paths import StateRoot
@@ -26,6 +27,7 @@ def host_facts(root: StateRoot, containers: list[str], layers: list[str]) -> dic
         "containers": containers,
         "free_bytes": _free_bytes(root.root),
         "pipe_max_size": int(PIPE_MAX_SIZE.read_text()),
+        "cgroup_controllers": controllers(HostCgroups.of_this_host()),
     }
     try:
         criu = Criu()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime import cgroups
-from runtime.cgroups import Cgroups, HostCgroups, parse_mounts, plan
+from runtime.cgroups import Cgroups, HostCgroups, controllers, parse_mounts, plan
 from runtime.spec import Limits
 
 # /proc/self/mountinfo lines as those hosts have them (Debian 12; Ubuntu 20.04; CentOS 7)
@@ -115,3 +115,10 @@ def test_an_override_of_the_manager(monkeypatch):
     assert cgroups.systemd_runs() is False
     monkeypatch.setenv("MIGRATE_CGROUP_MANAGER", "systemd")
     assert cgroups.systemd_runs() is True
+
+
+def test_the_controllers_containers_can_have(tmp_path):
+    assert controllers(host(V1, systemd=False)) == ["cpu", "memory", "pids"]
+    assert controllers(host(HYBRID, systemd=True)) == ["cpu", "memory", "pids"]  # cgroup2 has none there
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    assert controllers(HostCgroups({}, str(tmp_path), True)) == ["cpu", "memory", "pids"]

@@ -1,6 +1,7 @@
 """Preflight is a pure comparison of two hosts' facts: every refusal reason is checked here."""
 
-from migrate.preflight import judge, needs_pipe_size, version_tuple
+from migrate.preflight import judge, limits_verdict, needs_pipe_size, version_tuple
+from runtime.spec import Limits
 
 GIB = 1 << 30
 
@@ -110,3 +111,12 @@ def test_precopy_needs_soft_dirty_tracking_and_criu_3_17_on_both_and_auto_prefer
     new = facts(dirty_tracking=True, criu_version="4.2.1")
     assert "changed how its page server talks in 4.2" in judge(both, new, "c1", GIB, "precopy").problems[0]
     assert judge(both, new, "c1", GIB, "auto").mode == "copy"
+
+
+def test_limits_need_their_controllers_on_the_target():
+    limits = Limits(memory_bytes=64 << 20, cpus=0.5)
+    assert limits_verdict("c1", limits, facts(cgroup_controllers=["cpu", "memory", "pids"])) == []
+    assert limits_verdict("c1", limits, facts(cgroup_controllers=["memory", "pids"])) == [
+        "host-b cannot apply the limits of c1: it has no cpu cgroup controller for containers"]
+    assert limits_verdict("c1", Limits(), facts(cgroup_controllers=[])) == []
+    assert limits_verdict("c1", limits, facts()) == []  # an agent that does not say is not judged

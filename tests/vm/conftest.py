@@ -4,13 +4,14 @@ in both; shut down (by vmhosts, which ends its QEMUs by their PIDs) whatever hap
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from guests import REPO, VMHOSTS, Guest, boot_and_install, shut_down
 
 from runtime.imagebuild import build_image, busybox_layer
 
-BUSYBOX = "/bin/busybox"
+BUSYBOX = Path("/bin/busybox")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,5 +47,6 @@ def guests(tmp_path_factory):
         nodes["host-a"].ok("migrate image import /root/busybox.tar")
         yield nodes
     finally:
-        shut_down()
+        if os.environ.get("MIGRATE_VM_KEEP") != "1":  # kept up, the next run reuses them (setup is quick then)
+            shut_down()
         shutil.rmtree(src, ignore_errors=True)

@@ -94,8 +94,9 @@ def boot_and_install(names: tuple[str, ...], src: Path) -> dict[str, str]:
     """`vmhosts up`, then the checkout in SRC copied to /root/migrate on each and its setup
     run there (in parallel, pip offline from the wheelhouse). Returns each guest's setup output."""
     wheels = wheelhouse()
-    subprocess.run([str(VMHOSTS), "up", str(len(names))], check=True, timeout=1200,
-                   stdin=subprocess.DEVNULL, capture_output=True)
+    if not guests_up():
+        subprocess.run([str(VMHOSTS), "up", str(len(names))], check=True, timeout=1200,
+                       stdin=subprocess.DEVNULL, capture_output=True)
 
     def install(name: str) -> str:
         for what, dest in ((src, "/root/migrate"), (wheels, "/root/wheels")):
@@ -108,6 +109,11 @@ def boot_and_install(names: tuple[str, ...], src: Path) -> dict[str, str]:
 
     with ThreadPoolExecutor(len(names)) as pool:
         return dict(zip(names, pool.map(install, names), strict=True))
+
+
+def guests_up() -> bool:
+    p = subprocess.run([str(VMHOSTS), "status"], capture_output=True, text=True, timeout=60)
+    return " running " in p.stdout
 
 
 def shut_down() -> None:
