@@ -7,7 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from runtime import criulogs
+from runtime import criulogs, linux, states
 from runtime.container import RunRequest, Runtime
 from runtime.errors import InDoubt, InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
@@ -166,7 +166,8 @@ def _ps(rt: Runtime, a) -> int:
     for r in recs:
         rows.append({"name": r.name, "state": r.state, "image": r.spec.image, "pid": r.pid,
                      "started": r.started, "memory": rt.usage(r), "exit_code": r.exit_code,
-                     "owner": (r.owner or {}).get("pid")})
+                     "owner": (r.owner or {}).get("pid"),
+                     "supervised": r.state != states.RUNNING or (bool(r.shim_pid) and linux.pid_running(r.shim_pid))})
     if a.json:
         output.print_json(rows)
     else:
@@ -184,6 +185,8 @@ def _state_text(row: dict) -> str:
         return f"exited ({row['exit_code']})"
     if row["owner"]:
         return f"{row['state']} (by pid {row['owner']})"
+    if not row["supervised"]:  # its output is no longer logged, its exit will not be recorded
+        return f"{row['state']} (no shim)"
     return row["state"]
 
 

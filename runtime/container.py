@@ -165,6 +165,11 @@ class Runtime:
     def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:
         rec = self.catalog.container(name)
         states.check("stop", rec.state, name)
+        if not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
+            # unsupervised (its shim died): nobody would record an exit, so it is ended here
+            # (killed by PID) and recorded as what it is now: lost
+            self.release(name)
+            return self.catalog.transition(name, "lost", pid=None, shim_pid=None)
         linux.send_signal(rec.pid, signal.SIGTERM)
         if not self.wait_for_exit(name, timeout):
             linux.send_signal(rec.pid, signal.SIGKILL)

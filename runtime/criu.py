@@ -100,10 +100,8 @@ def dump_request(opts: DumpOptions, images_fd: int):
     # one pre-dump per swrk session (CRIU >= 3.17): PRE_DUMP would bind the session to a DUMP
     req = _request("SINGLE_PRE_DUMP" if opts.pre_dump else "DUMP", opts, images_fd)
     req.opts.pid = opts.pid
-    if opts.pre_dump:
-        req.opts.pre_dump_mode = _rpc().VM_READ  # splice pins every page in kernel pipes meanwhile
-    else:
-        req.opts.leave_running = opts.leave_running
+    if not opts.pre_dump:  # (a pre-dump keeps the default splice mode: VM_READ in CRIU 3.17
+        req.opts.leave_running = opts.leave_running  # gave restored trees that segfault)
     if opts.pre_dump or opts.parent_images:
         req.opts.track_mem = True  # a final dump without it sends every page again
     if opts.parent_images:
@@ -225,11 +223,18 @@ def abort_lazy_dump(port: int) -> None:
 
 
 def pages_written(stats: Path) -> int:
-    """Pages a dump or pre-dump wrote (its stats-dump image, as CRIU's zdtm reads it)."""
-    from pycriu import images
+    """Pages a dump or pre-dump wrote: its stats-dump image is two magics (service image,
+    stats), a size and one stats_entry. Parsed here: pycriu's own reader (pb2dict) does not
+    work with current protobuf."""
+    from pycriu.images import stats_pb2
 
-    with open(stats, "rb") as f:
-        return int(images.load(f)["entries"][0]["dump"].get("pages_written", 0))
+    data = stats.read_bytes()
+    service, magic, size = struct.unpack_from("<III", data)
+    if (service, magic) != (0x55105940, 0x57093306):
+        raise CriuError(f"{stats} is not CRIU's stats image")
+    entry = stats_pb2.stats_entry()
+    entry.ParseFromString(data[12:12 + size])
+    return entry.dump.pages_written
 
 
 PAGES_STALL = 60.0  # seconds without a page arriving before a lazy transfer counts as failed
@@ -276,7 +281,7 @@ class PageServer(_Daemon):
 
     def __init__(self, binary: str, images_dir: Path, port: int, parent: str | None = None):
         argv = [binary, "page-server", "-D", str(images_dir), "--address", "127.0.0.1", "--port", str(port),
-                "--auto-dedup", *(["--prev-images-dir", parent] if parent else [])]
+                *(["--prev-images-dir", parent] if parent else [])]
         super().__init__(argv, images_dir / "page-server.log")
 
     def wait(self, timeout: float) -> None:

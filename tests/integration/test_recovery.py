@@ -34,6 +34,29 @@ def test_a_container_whose_shim_and_processes_were_killed_is_lost_not_running(bb
     assert "c1" not in bb.ps()
 
 
+def test_a_container_whose_shim_died_is_shown_unsupervised_and_lost_once_its_processes_end(bb):
+    """Its processes run on (a quiet one is never killed for it), but ps says that nothing logs
+    its output or will record its exit; once they are gone it is lost, never running."""
+    bb.ok("run", "--name", "c1", IMAGE, "sleep", "1000")
+    rec = bb.record("c1")
+    os.kill(rec["shim_pid"], signal.SIGKILL)
+    wait_until(lambda: not linux.pid_running(rec["shim_pid"]), 10, "the shim to die")
+    assert "running (no shim)" in bb.ok("ps").out
+    row = bb.container("c1")
+    assert (row["state"], row["supervised"], row["pid"]) == ("running", False, rec["pid"])
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_until(lambda: bb.container("c1")["state"] == "lost", 10, "c1 to be lost")
+    bb.ok("rm", "c1")
+    # and one whose shim died is stopped all the same (killed by PID), lost then
+    bb.ok("run", "--name", "c2", IMAGE, "sleep", "1000")
+    rec = bb.record("c2")
+    os.kill(rec["shim_pid"], signal.SIGKILL)
+    wait_until(lambda: not linux.pid_running(rec["shim_pid"]), 10, "the shim to die")
+    bb.ok("stop", "c2")
+    assert bb.container("c2")["state"] == "lost" and not linux.pid_running(rec["pid"])
+    bb.ok("rm", "c2")
+
+
 def test_a_killed_checkpoint_leaves_the_container_running_not_checkpointing(host, memhog_image):
     host.ok("image", "import", memhog_image)
     host.ok("run", "--name", "m1", "memhog:latest")

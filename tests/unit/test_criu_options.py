@@ -126,3 +126,34 @@ def test_a_lazy_page_transfer_that_progresses_runs_to_its_end(tmp_path):
     d = _daemon(tmp_path, ["sh", "-c", f"for i in 1 2 3 4 5 6; do echo page >> {tmp_path}/lazy-pages.log; "
                                        "sleep 0.4; done; exit 3"])
     assert d.wait(timeout=60, stall=1.0) == 3  # 2.4 s in all, never 1 s without a line
+
+
+def test_the_pages_a_dump_wrote_are_read_from_its_stats_image(tmp_path: Path):
+    import struct
+
+    from pycriu.images import stats_pb2
+
+    from runtime.criu import pages_written
+
+    entry = stats_pb2.stats_entry()
+    d = entry.dump
+    d.freezing_time = d.frozen_time = d.memdump_time = d.memwrite_time = 1
+    d.pages_scanned, d.pages_skipped_parent, d.pages_written, d.pages_lazy = 4113, 6, 4107, 0
+    body = entry.SerializeToString()
+    (tmp_path / "stats-dump").write_bytes(struct.pack("<III", 0x55105940, 0x57093306, len(body)) + body)
+    assert pages_written(tmp_path / "stats-dump") == 4107
+    (tmp_path / "other").write_bytes(struct.pack("<III", 1, 2, 0))
+    with pytest.raises(Exception, match="not CRIU's stats image"):
+        pages_written(tmp_path / "other")
+
+
+def test_pre_copy_requests_track_memory_against_their_parent():
+    pre = dump_request(DumpOptions(pid=9, pre_dump=True, parent_images="../pre-1",
+                                   page_server=("127.0.0.1", 4000)), images_fd=3)
+    assert pre.type == rpc.SINGLE_PRE_DUMP and pre.opts.track_mem and pre.opts.parent_img == "../pre-1"
+    assert (pre.opts.ps.address, pre.opts.ps.port) == ("127.0.0.1", 4000) and not pre.opts.lazy_pages
+    assert not pre.opts.HasField("pre_dump_mode")  # splice: VM_READ broke restores with CRIU 3.17
+    final = dump_request(DumpOptions(pid=9, parent_images="../pre-2", page_server=("127.0.0.1", 4001)), images_fd=3)
+    assert final.type == rpc.DUMP and final.opts.track_mem and final.opts.parent_img == "../pre-2"
+    plain = dump_request(DumpOptions(pid=9), images_fd=3)
+    assert not plain.opts.track_mem and not plain.opts.HasField("parent_img")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,13 @@ class Guest:
         if check and p.returncode != 0:
             raise AssertionError(f"{self.name}$ {command}\n-> rc {p.returncode}\n{p.stdout}\n{p.stderr}")
         return p
+
+    def login(self, command: str) -> subprocess.Popen:
+        """COMMAND in an SSH login of its own (vmhosts' `on` shares one connection, so one
+        session, between all its commands): its own systemd session scope there."""
+        config = Path(os.environ.get("VMHOSTS_DIR", "/var/tmp/vmhosts"), "run", "ssh_config")
+        return subprocess.Popen(["ssh", "-F", str(config), "-o", "ControlPath=none", self.name, command],
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
 
     def ok(self, command: str, timeout: float = 300) -> str:
         return self.sh(command, timeout, check=True).stdout
@@ -99,10 +107,12 @@ def boot_and_install(names: tuple[str, ...], src: Path) -> dict[str, str]:
                        stdin=subprocess.DEVNULL, capture_output=True)
 
     def install(name: str) -> str:
-        for what, dest in ((src, "/root/migrate"), (wheels, "/root/wheels")):
+        for what, dest in ((src, "/root/src"), (wheels, "/root/wheels")):
             subprocess.run([str(VMHOSTS), "copy", name, str(what), dest], check=True, timeout=600,
                            capture_output=True)
         guest = Guest(name)
+        # the checkout as it is here, the venv a setup made there before kept (so reused guests are quick)
+        guest.ok("rsync -a --delete --exclude /.venv /root/src/ /root/migrate/")
         guest.ok("usermod -p '*' root")  # a locked root (Debian's '!') is refused by sshd: host-b logs in to host-a
         return guest.ok("cd /root/migrate && PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheels ./scripts/setup",
                         timeout=SETUP_TIMEOUT)
