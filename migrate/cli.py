@@ -164,10 +164,9 @@ def _ps(rt: Runtime, a) -> int:
     recs = rt.catalog.containers()
     rows = []
     for r in recs:
-        rows.append({"name": r.name, "state": r.state, "image": r.spec.image, "pid": r.pid,
+        rows.append({"name": r.name, "state": _shown_state(r), "image": r.spec.image, "pid": r.pid,
                      "started": r.started, "memory": rt.usage(r), "exit_code": r.exit_code,
-                     "owner": (r.owner or {}).get("pid"),
-                     "supervised": r.state != states.RUNNING or (bool(r.shim_pid) and linux.pid_running(r.shim_pid))})
+                     "owner": (r.owner or {}).get("pid")})
     if a.json:
         output.print_json(rows)
     else:
@@ -185,9 +184,15 @@ def _state_text(row: dict) -> str:
         return f"exited ({row['exit_code']})"
     if row["owner"]:
         return f"{row['state']} (by pid {row['owner']})"
-    if not row["supervised"]:  # its output is no longer logged, its exit will not be recorded
-        return f"{row['state']} (no shim)"
     return row["state"]
+
+
+def _shown_state(rec) -> str:
+    """The record's state, but `unsupervised` for a running one whose shim died: its processes
+    run, nothing logs their output or will record their exit (`stop` ends them)."""
+    if rec.state == states.RUNNING and not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
+        return "unsupervised"
+    return rec.state
 
 
 def _snapshots(rt: Runtime, a) -> int:
