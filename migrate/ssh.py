@@ -188,8 +188,7 @@ class RemoteProcess:
                 line = self._lines.get(timeout=max(0.0, wait))
                 break
             except queue.Empty:
-                if self._heartbeat is not None and time.monotonic() - self._heard > HEARTBEAT_SILENCE:
-                    raise PeerLost(f"no word from {self._what} for {HEARTBEAT_SILENCE:.0f} s") from None
+                self._check_silence()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise PeerLost(f"no message from {self._what} within {timeout} s") from None
         if line is None:
@@ -205,6 +204,9 @@ class RemoteProcess:
         past the heartbeat's limit. Costs no round trip."""
         if self._ended.is_set():
             raise PeerLost(self._exit_message())
+        self._check_silence()
+
+    def _check_silence(self) -> None:
         if self._heartbeat is not None and time.monotonic() - self._heard > HEARTBEAT_SILENCE:
             raise PeerLost(f"no word from {self._what} for {HEARTBEAT_SILENCE:.0f} s")
 

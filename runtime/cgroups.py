@@ -34,8 +34,9 @@ from .spec import Limits
 
 CPU_PERIOD_US = 100_000
 SLICE = "migrate.slice"
-_V1_CONTROLLERS = ("memory", "cpu", "pids")
-_V2_CONTROLLERS = ("memory", "cpu", "pids")  # enabled wherever available: `ps` shows memory use without a limit
+# the controllers the limits use, in v1 and v2 alike; on v2 enabled wherever available, so `ps`
+# shows memory use without a limit
+_CONTROLLERS = ("memory", "cpu", "pids")
 SHIM_LEAF, CONTAINER_LEAF = "shim", "container"
 
 
@@ -60,7 +61,7 @@ def controllers(host: HostCgroups) -> list[str]:
     found = set(host.v1)
     if host.v2 is not None and not host.v1:
         with contextlib.suppress(OSError):
-            found |= set(Path(host.v2, "cgroup.controllers").read_text().split()) & set(_V2_CONTROLLERS)
+            found |= set(Path(host.v2, "cgroup.controllers").read_text().split()) & set(_CONTROLLERS)
     return sorted(found)
 
 
@@ -78,7 +79,7 @@ def parse_mounts(mountinfo: str) -> tuple[dict[str, str], str | None]:
             v2 = point
         elif fstype == "cgroup":
             for opt in options.split(","):
-                if opt in _V1_CONTROLLERS:
+                if opt in _CONTROLLERS:
                     v1[opt] = point
     return v1, v2
 
@@ -181,7 +182,7 @@ class Cgroups:
         chain = [top, *reversed([p for p in leaf.parents if top in p.parents])]
         for folder in chain:
             available = (folder / "cgroup.controllers").read_text().split()
-            for controller in (c for c in _V2_CONTROLLERS if c in available):
+            for controller in (c for c in _CONTROLLERS if c in available):
                 # one by one: one that cannot be enabled (cpu, with realtime tasks about) must
                 # not cost the others; a limit that needs it fails clearly when it is written
                 with contextlib.suppress(OSError):
