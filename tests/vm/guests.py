@@ -98,13 +98,37 @@ def wheelhouse() -> Path:
     return out
 
 
+HOST_PACKAGES = ("linux-image-amd64", "qemu-system-x86", "qemu-utils", "e2fsprogs", "debootstrap")
+
+
+def install_host_packages() -> None:
+    """What vmhosts needs on this machine: QEMU, debootstrap, and Debian 12's 6.1 kernel (the
+    guests boot it; this machine's own kernel stays the one it runs)."""
+    listed = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *HOST_PACKAGES],
+                            capture_output=True, text=True).stdout
+    have = {line.split()[0] for line in listed.splitlines() if line.endswith(" installed")}
+    missing = [p for p in HOST_PACKAGES if p not in have]
+    if not missing:
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "-qq", "update"], ["apt-get", "-qq", "install", "-y", "--no-install-recommends", *missing]):
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {p.stderr.strip()[-2000:]}")
+
+
 def boot_and_install(names: tuple[str, ...], src: Path) -> dict[str, str]:
     """`vmhosts up`, then the checkout in SRC copied to /root/migrate on each and its setup
     run there (in parallel, pip offline from the wheelhouse). Returns each guest's setup output."""
     wheels = wheelhouse()
+    apt_dates = registry_apt_settings()
     if not guests_up():
-        subprocess.run([str(VMHOSTS), "up", str(len(names))], check=True, timeout=1200,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        install_host_packages()
+        shut_down()  # what a run that was killed left (its namespace, taps, run folder) is in the way of `up`
+        p = subprocess.run([str(VMHOSTS), "up", str(len(names))], timeout=1200, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"vmhosts up {len(names)} failed: {(p.stdout + p.stderr).strip()[-3000:]}")
 
     def install(name: str) -> str:
         for what, dest in ((src, "/root/src"), (wheels, "/root/wheels")):
@@ -114,11 +138,20 @@ def boot_and_install(names: tuple[str, ...], src: Path) -> dict[str, str]:
         # the checkout as it is here, the venv a setup made there before kept (so reused guests are quick)
         guest.ok("rsync -a --delete --exclude /.venv /root/src/ /root/migrate/")
         guest.ok("usermod -p '*' root")  # a locked root (Debian's '!') is refused by sshd: host-b logs in to host-a
+        if apt_dates:  # the guests reach the registry this machine does, with its apt settings for it
+            guest.ok(f"printf '%s\\n' {shlex.join(apt_dates)} >/etc/apt/apt.conf.d/99migrate-tests")
         return guest.ok("cd /root/migrate && PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheels ./scripts/setup",
                         timeout=SETUP_TIMEOUT)
 
     with ThreadPoolExecutor(len(names)) as pool:
         return dict(zip(names, pool.map(install, names), strict=True))
+
+
+def registry_apt_settings() -> list[str]:
+    """This machine's apt settings on the dates of Release files (a registry that serves a
+    frozen copy of Debian sets them), as apt.conf lines."""
+    dump = subprocess.run(["apt-config", "dump"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in dump if line.split(" ")[0] in ("Acquire::Check-Valid-Until", "Acquire::Check-Date")]
 
 
 def guests_up() -> bool:
