@@ -160,6 +160,15 @@ class TestHosts:
         """Environment for a `migrate` subprocess that should see exactly these hosts."""
         return {"MIGRATE_SSH_CONFIG": str(self.ssh_config), "MIGRATE_CONFIG": str(self.tool_config)}
 
+    def local_argv(self, name: str, *argv: str) -> list[str]:
+        """ARGV run on this machine as if on host NAME without an SSH login (no login cost in
+        what a script times): in its network and UTS namespaces. Give it `local_env(NAME)`."""
+        return ["nsenter", f"--target={self.hosts[name].sshd_pid}", "--net", "--uts", "--", *argv]
+
+    def local_env(self, name: str) -> dict[str, str]:
+        """This process's environment with host NAME's MIGRATE_ROOT and these hosts' configs."""
+        return {**os.environ, **self.env(), "MIGRATE_ROOT": str(self.hosts[name].root)}
+
     def teardown(self, check: bool = True) -> None:
         """Remove everything; each step runs even if an earlier one failed. Idempotent."""
         if self._torn_down:

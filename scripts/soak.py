@@ -55,10 +55,9 @@ class Soak:
         self.problems: list[str] = []
 
     def cli(self, host: str, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-        h = self.hosts[host]
-        full = {**os.environ, **self.hosts.env(), "MIGRATE_ROOT": str(h.root), **(env or {})}
-        return subprocess.run(["nsenter", f"--target={h.sshd_pid}", "--net", "--uts", "--", *MIGRATE, *args],
-                              env=full, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(self.hosts.local_argv(host, *MIGRATE, *args),
+                              env={**self.hosts.local_env(host), **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def set_target_faults(self, host: str, faults: str) -> None:
         tables = []
