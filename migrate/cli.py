@@ -1,9 +1,11 @@
 """The `migrate` command: verbs -> calls, errors -> one line and an exit code, results -> tables or JSON."""
 
 import argparse
+import json
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -12,18 +14,21 @@ from runtime.container import RunRequest, Runtime
 from runtime.errors import InDoubt, InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
 from runtime.snapshots import Snapshots
-from runtime.spec import parse_size, validate_name
+from runtime.spec import DRAIN_POLICIES, Schedule, parse_duration, parse_size, validate_name
 
 from . import output
 from .preflight import MODES
 
 EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict with current state,
 5 bad image, 6 CRIU failure, 7 remote host failure, 8 migration failed and rolled back,
-9 in doubt: a migration's target could not be asked whether it committed (see migrate recover)"""
+9 in doubt: a migration's target could not be asked whether it committed (see migrate recover),
+10 drain incomplete: containers stay on the drained host (the table says why)"""
 
 
-VERBS = ("image", "run", "ps", "logs", "exec", "stop", "rm", "checkpoint", "snapshots", "snapshot", "restore",
-         "move", "recover", "agent")
+VERBS = ("image", "run", "ps", "inspect", "logs", "exec", "stop", "rm", "checkpoint", "schedule", "snapshots",
+         "snapshot", "restore", "export", "import", "move", "drain", "recover", "agent")
+# what a container under a (scheduled) snapshot waits for rather than refuses
+WAIT_FOR_SNAPSHOT = ("exec", "stop", "rm", "checkpoint", "restore", "move")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=parse_size, help="memory limit, e.g. 512m")
     run.add_argument("--cpus", type=float, help="CPU limit, e.g. 0.5")
     run.add_argument("--pids", type=int, help="at most this many processes and threads")
+    run.add_argument("--drain-policy", choices=DRAIN_POLICIES,
+                     help="what `migrate drain` does with it: move it live, checkpoint it here, or stop it "
+                          "(default: drain's --policy)")
+    run.add_argument("--checkpoint-every", type=parse_duration, metavar="DURATION",
+                     help="take a snapshot of it every DURATION while it runs (e.g. 10m; it runs on)")
+    run.add_argument("--keep", type=int, metavar="N", help="with --checkpoint-every: keep the newest N (default 3)")
     run.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     run.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CT[:ro]")
     run.add_argument("-w", "--workdir", metavar="DIR")
@@ -66,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("ps", help="list containers")
     ps.add_argument("--json", action="store_true")
+
+    ins = sub.add_parser("inspect", help="everything known of one container, as JSON")
+    ins.add_argument("name")
+
+    sch = sub.add_parser("schedule", help="take snapshots of a container on time (or stop doing so)")
+    sch.add_argument("name")
+    when = sch.add_mutually_exclusive_group(required=True)
+    when.add_argument("--every", type=parse_duration, metavar="DURATION", help="a snapshot every DURATION (e.g. 30s, 10m, 1h)")
+    when.add_argument("--off", action="store_true", help="no more scheduled snapshots (those taken are kept)")
+    sch.add_argument("--keep", type=int, metavar="N", help="keep the newest N scheduled snapshots (default 3)")
 
     logs = sub.add_parser("logs", help="print a container's output (or the CRIU log of its last failure)")
     logs.add_argument("-f", "--follow", action="store_true")
@@ -122,6 +143,19 @@ def _parser() -> argparse.ArgumentParser:
                     help="the longest the container may stay frozen here before the move is rolled back "
                          "(default 120)")
 
+    dr = sub.add_parser("drain", help="empty a host: move its running containers live to other hosts (or "
+                                      "checkpoint or stop them, as their drain policy says)")
+    dr.add_argument("host", help="the host to empty: this one (its hostname, or localhost), or another, reached "
+                                 "over ssh, where the drain then runs")
+    dr.add_argument("--to", required=True, metavar="HOST1,HOST2,...",
+                    help="the hosts to move containers to, as HOST's ssh config names them")
+    dr.add_argument("--parallel", type=int, metavar="N", help="at most N containers at once (default 1)")
+    dr.add_argument("--policy", choices=DRAIN_POLICIES,
+                    help="for containers run without --drain-policy (default live); their own policy wins")
+    dr.add_argument("--dry-run", action="store_true", help="print the placement, change nothing")
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+
     rc = sub.add_parser("recover", help="settle what interrupted migrations left undecided here, asking their "
                                         "other hosts (containers in-doubt run again here or are removed)")
     rc.add_argument("name", nargs="?", help="only this container")
@@ -130,12 +164,35 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("agent", help="(internal) the remote side of a migration, spoken to over SSH")
 
+    ex = sub.add_parser("export", help="write a snapshot into one archive file, to import on another host",
+                        description="Write a snapshot (CRIU images, upper dir, spec, log; with --with-image the "
+                                    "image's layers) into one zstd-compressed archive with a sha256 per member "
+                                    "(docs/archive.md). The file is root-only: it holds process memory.")
+    ex.add_argument("ref", metavar="NAME|SNAPSHOT",
+                    help="a snapshot id, or a container: its newest snapshot (a running container without any "
+                         "gets a leave-running checkpoint first)")
+    ex.add_argument("--snapshot", metavar="ID|TAG", help="with NAME: this snapshot of it")
+    ex.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="the archive to write")
+    ex.add_argument("--with-image", action="store_true",
+                    help="carry the image's layers too, for a host that lacks the image")
+
+    im = sub.add_parser("import", help="register the snapshot of an archive made by `migrate export`",
+                        description="Check the archive (every member's sha256, the manifest's own) and this host "
+                                    "(CRIU as new, same architecture, a CPU CRIU accepts, the image or the layers "
+                                    "the archive carries, free space) before anything is written; then register "
+                                    "the snapshot. A damaged archive is refused (exit 5) and leaves nothing.")
+    im.add_argument("file", type=Path, metavar="FILE")
+    im.add_argument("--name", dest="new_name", metavar="NEW", help="register it as a snapshot of this container name")
+    im.add_argument("--start", action="store_true", help="restore it at once (as `migrate restore` would)")
+
     rs = sub.add_parser("restore", help="bring a checkpointed container back, running")
     rs.add_argument("--snapshot", metavar="ID|TAG", help="default: the latest snapshot")
     rs.add_argument("--name", dest="new_name", help="restore as a new container")
     rs.add_argument("--tcp-close", action="store_true",
                     help="bring connections to outside the container back closed (their peers are gone)")
-    rs.add_argument("name")
+    rs.add_argument("--all", action="store_true",
+                    help="every lost container that has a snapshot (at boot: see the README's migrate-restore.service)")
+    rs.add_argument("name", nargs="?")
     return p
 
 
@@ -161,21 +218,69 @@ def _image_cmd(rt: Runtime, a) -> int:
 
 
 def _ps(rt: Runtime, a) -> int:
-    recs = rt.catalog.containers()
-    rows = []
-    for r in recs:
-        rows.append({"name": r.name, "state": _shown_state(r), "image": r.spec.image, "pid": r.pid,
-                     "started": r.started, "memory": rt.usage(r), "exit_code": r.exit_code,
-                     "owner": (r.owner or {}).get("pid")})
+    rows = [_summary(rt, r, (rt.catalog.own_snapshots(r) or [None])[-1]) for r in rt.catalog.containers()]
     if a.json:
         output.print_json(rows)
     else:
         output.print_table(
-            ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY"),
+            ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY", "SNAPSHOT"),
             [(r["name"], _state_text(r), r["image"], r["pid"], output.human_age(r["started"]),
-              output.human_size(r["memory"])) for r in rows],
+              output.human_size(r["memory"]), _snapshot_text(r)) for r in rows],
         )
     return 0
+
+
+def _summary(rt: Runtime, rec, newest) -> dict:
+    """What ps shows of a container (and inspect begins with)."""
+    schedule = rec.spec.schedule
+    return {"name": rec.name, "state": _shown_state(rec), "image": rec.spec.image, "pid": rec.pid,
+            "started": rec.started, "memory": rt.usage(rec), "exit_code": rec.exit_code,
+            "owner": (rec.owner or {}).get("pid"),
+            "schedule": {"every": schedule.every, "keep": schedule.keep} if schedule else None,
+            "last_snapshot": {"id": newest.id, "created": newest.created} if newest else None}
+
+
+def _snapshot_text(row: dict) -> str:
+    """`12s ago (every 10m)`: the newest snapshot's age and the schedule, if any."""
+    last = row["last_snapshot"]
+    text = output.human_age(last["created"]) if last else "-"
+    if row["schedule"]:
+        text += f" (every {output.human_duration(row['schedule']['every'])})"
+    return text
+
+
+def _inspect(rt: Runtime, a) -> int:
+    rec = rt.catalog.container(a.name)
+    snaps = rt.catalog.own_snapshots(rec)
+    info = _summary(rt, rec, snaps[-1] if snaps else None)
+    info.update(spec=json.loads(rec.spec.to_json()), shim_pid=rec.shim_pid, cgroups=rec.cgroups,
+                created=rec.created, finished=rec.finished, migration=rec.migration,
+                restored_from=rec.restored_from, snapshots=[_snapshot_json(s) for s in snaps])
+    if info["last_snapshot"]:
+        info["last_snapshot"]["age"] = round(time.time() - info["last_snapshot"]["created"], 3)
+    output.print_json(info)
+    return 0
+
+
+def _schedule(rt: Runtime, a) -> int:
+    if a.keep is not None and a.off:
+        raise InvalidInput("--keep goes with --every, not --off")
+    rec = rt.set_schedule(a.name, None if a.off else _schedule_of(a.every, a.keep))
+    schedule = rec.spec.schedule
+    output.out.print(f"{rec.name}: no scheduled snapshots" if schedule is None else
+                     f"{rec.name}: a snapshot every {output.human_duration(schedule.every)}, "
+                     f"the newest {schedule.keep} kept")
+    return 0
+
+
+def _schedule_of(every: float | None, keep: int | None) -> Schedule | None:
+    if every is None:
+        if keep is not None:
+            raise InvalidInput("--keep goes with --checkpoint-every")
+        return None
+    if keep is not None and keep < 1:
+        raise InvalidInput("--keep must be at least 1")
+    return Schedule(every=every) if keep is None else Schedule(every=every, keep=keep)
 
 
 def _state_text(row: dict) -> str:
@@ -195,15 +300,65 @@ def _shown_state(rec) -> str:
     return rec.state
 
 
+def _snapshot_json(s) -> dict:
+    return {"id": s.id, "container": s.container, "tag": s.tag, "created": s.created, "size": s.size,
+            "criu_version": s.criu_version, "image": s.spec.image, "scheduled": s.scheduled, "pause": s.pause}
+
+
 def _snapshots(rt: Runtime, a) -> int:
     snaps = Snapshots(rt).list(a.name)
     if a.json:
-        output.print_json([{"id": s.id, "container": s.container, "tag": s.tag, "created": s.created,
-                            "size": s.size, "criu_version": s.criu_version, "image": s.spec.image} for s in snaps])
+        output.print_json([_snapshot_json(s) for s in snaps])
     else:
-        output.print_table(("ID", "CONTAINER", "TAG", "CREATED", "SIZE"),
-                           [(s.id, s.container, s.tag, output.human_age(s.created), output.human_size(s.size))
+        output.print_table(("ID", "CONTAINER", "TAG", "CREATED", "SIZE", "PAUSED"),
+                           [(s.id, s.container, s.tag or ("(scheduled)" if s.scheduled else None),
+                             output.human_age(s.created), output.human_size(s.size), output.human_duration(s.pause))
                             for s in snaps])
+    return 0
+
+
+def _restore(rt: Runtime, a) -> int:
+    snapshots = Snapshots(rt)
+    if not a.all:
+        if a.name is None:
+            raise InvalidInput("restore needs a container NAME, or --all")
+        rec = snapshots.restore(a.name, a.snapshot, a.new_name, tcp_close=a.tcp_close)
+        output.out.print(f"{rec.name} running (pid {rec.pid})")
+        return 0
+    if a.name is not None or a.snapshot is not None or a.new_name is not None:
+        raise InvalidInput("restore --all takes no NAME, --snapshot or --name")
+    failed = 0
+    lost = snapshots.lost_with_snapshot()
+    for name in lost:
+        try:
+            rec = snapshots.restore(name, tcp_close=a.tcp_close)
+        except MigrateError as e:
+            failed += 1
+            output.err.print(f"migrate: error: {name}: {e}", markup=False)
+        else:
+            output.out.print(f"{rec.name} running (pid {rec.pid})")
+    if not lost:
+        output.out.print("no lost container with a snapshot here")
+    return 1 if failed else 0
+
+
+def _archive(rt: Runtime, a) -> int:
+    from runtime import archive
+
+    snapshots = Snapshots(rt)
+    if a.verb == "export":
+        snap, note = archive.resolve(snapshots, a.ref, a.snapshot)
+        if note:
+            output.print_note(note)
+        size = archive.export(snapshots, snap, a.output, a.with_image)
+        output.out.print(f"exported snapshot {snap.id} of {snap.container} to {a.output} ({output.human_size(size)})",
+                         markup=False)
+        return 0
+    snap = archive.import_(snapshots, a.file, a.new_name)
+    output.out.print(f"imported snapshot {snap.id} of {snap.container}", markup=False)
+    if a.start:
+        rec = snapshots.restore(snap.container, snap.id)
+        output.out.print(f"{rec.name} running (pid {rec.pid})", markup=False)
     return 0
 
 
@@ -247,16 +402,23 @@ def dispatch(a) -> int:
         if a.verb != "agent":  # the records of this host tell the truth before anything acts on them
             for note in rt.reconcile():
                 output.err.print(f"migrate: note: {note}", markup=False)
+        if a.verb in WAIT_FOR_SNAPSHOT and getattr(a, "name", None):
+            rt.await_snapshot(a.name)
         if a.verb == "image":
             return _image_cmd(rt, a)
         if a.verb == "run":
             rec = rt.run(RunRequest(name=a.name, image=a.image, command=tuple(a.command), env=tuple(a.env),
                                     volumes=tuple(a.volume), working_dir=a.workdir, memory=a.memory, cpus=a.cpus,
-                                    pids=a.pids))
+                                    pids=a.pids, schedule=_schedule_of(a.checkpoint_every, a.keep),
+                                    drain_policy=a.drain_policy))
             output.out.print(rec.name)
             return 0
         if a.verb == "ps":
             return _ps(rt, a)
+        if a.verb == "inspect":
+            return _inspect(rt, a)
+        if a.verb == "schedule":
+            return _schedule(rt, a)
         if a.verb == "logs":
             if a.criu:
                 return _criu_log(rt, a)
@@ -299,6 +461,11 @@ def dispatch(a) -> int:
                 output.out.print(f"{a.name} now runs on {a.host}")
                 stats.print()
             return 0
+        if a.verb == "drain":
+            from . import drain
+
+            return drain.run(rt, a.host, a.to, parallel=a.parallel, policy=a.policy, dry_run=a.dry_run,
+                             as_json=a.json, ssh_config=a.ssh_config)
         if a.verb == "recover":
             return _recover(rt, a)
         if a.verb == "agent":
@@ -306,9 +473,9 @@ def dispatch(a) -> int:
 
             return serve()
         if a.verb == "restore":
-            rec = Snapshots(rt).restore(a.name, a.snapshot, a.new_name, tcp_close=a.tcp_close)
-            output.out.print(f"{rec.name} running (pid {rec.pid})")
-            return 0
+            return _restore(rt, a)
+        if a.verb in ("export", "import"):
+            return _archive(rt, a)
         raise InvalidInput("no command given: see migrate --help")
     finally:
         rt.close()

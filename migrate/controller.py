@@ -56,6 +56,13 @@ def resolve_on(spec, migration: str, timeout: float = 30.0) -> str:
         session.close()
 
 
+def bytes_to_send(rt: Runtime, rec, remote_layers: list[str]) -> int:
+    """About what a move of REC sends to a host holding REMOTE_LAYERS: its memory, its own
+    files, the image layers the host lacks (preflight's disk check, drain's placement)."""
+    return (rt.usage(rec) or 0) + tree_size(rt.root.container_dir(rec.name) / "upper") + sum(
+        rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote_layers))
+
+
 class Agent:
     """The controller's handle on `migrate agent` at the other end."""
 
@@ -196,11 +203,8 @@ class Migration:
 
     def _preflight(self, agent: Agent, local: dict, remote: dict, cpuinfo: bytes) -> None:
         rec = self.rt.catalog.container(self.name)
-        cdir = self.rt.root.container_dir(self.name)
         self.memory = self.rt.usage(rec) or 0
-        need = self.memory + tree_size(cdir / "upper") + sum(
-            self.rt.layers.size_of(d) for d in missing_layers(rec.spec.layers, remote["layers"]))
-        verdict = preflight.judge(local, remote, self.name, need, self.mode)
+        verdict = preflight.judge(local, remote, self.name, bytes_to_send(self.rt, rec, remote["layers"]), self.mode)
         pids = Cgroups(rec.cgroups).pids()
         ports = procfs.ports_of(pids)
         taken = agent.call("ports_taken", ports=[p.to_json() for p in ports])["taken"] if ports else []

@@ -33,6 +33,23 @@ def human_age(ts: float | None) -> str:
     return f"{secs}s ago"
 
 
+def human_duration(seconds: float | None) -> str:
+    """0.25 -> '250ms', 90 -> '1m30s', 7200 -> '2h'."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    text = ""
+    rest = int(round(seconds))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
+        if rest >= size:
+            text += f"{rest // size}{unit}"
+            rest %= size
+    return text
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -5,6 +5,7 @@ Everything here runs before anything is frozen, so a refusal changes nothing.
 
 from dataclasses import dataclass
 
+from runtime.criu import version_tuple
 from runtime.facts import LAZY_PIPE_SIZE
 
 from .output import human_size
@@ -22,14 +23,6 @@ class Verdict:
     mode: str
     problems: tuple[str, ...]
     why: str = ""  # how `auto` chose its mode
-
-
-def version_tuple(version: str | None) -> tuple[int, ...]:
-    parts = []
-    for piece in (version or "").split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy_implemented: bool = True) -> Verdict:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import linux, rootfs, states
@@ -22,7 +22,7 @@ from .layers import LayerStore
 from .paths import StateRoot
 from .reconcile import reconcile, sweep_snapshots, sweep_transfers
 from .shim import COMMIT, container_env
-from .spec import ContainerSpec, Limits, Volume, validate_name
+from .spec import DRAIN_POLICIES, ContainerSpec, Limits, Schedule, Volume, validate_name
 from .store import Catalog, ContainerRecord
 
 SHIM_TIMEOUT = 120.0
@@ -39,6 +39,8 @@ class RunRequest:
     memory: int | None = None
     cpus: float | None = None
     pids: int | None = None
+    schedule: Schedule | None = None  # leave-running snapshots on time (runtime/schedule.py)
+    drain_policy: str | None = None  # one of spec.DRAIN_POLICIES; None: `migrate drain --policy` decides
 
 
 class Runtime:
@@ -79,13 +81,16 @@ class Runtime:
             raise InvalidInput("--cpus must be positive")
         if req.pids is not None and req.pids <= 0:
             raise InvalidInput("--pids must be positive")
+        if req.drain_policy not in (None, *DRAIN_POLICIES):
+            raise InvalidInput(f"invalid drain policy {req.drain_policy!r}: use {', '.join(DRAIN_POLICIES)}")
         working_dir = req.working_dir or cfg.get("working_dir") or "/"
         if not working_dir.startswith("/"):
             raise InvalidInput(f"working directory must be absolute: {working_dir}")
         return ContainerSpec(
             name=req.name, image=image.name, image_id=image.id, layers=image.layers, argv=argv,
             env=tuple(cfg.get("env") or ()) + req.env, working_dir=working_dir, volumes=volumes,
-            limits=Limits(memory_bytes=req.memory, cpus=req.cpus, pids=req.pids),
+            limits=Limits(memory_bytes=req.memory, cpus=req.cpus, pids=req.pids), schedule=req.schedule,
+            drain_policy=req.drain_policy,
         )
 
     def run(self, req: RunRequest) -> ContainerRecord:
@@ -197,6 +202,29 @@ class Runtime:
             rec = self.catalog.container(name)
         states.check("remove", rec.state, name)
         self.discard(name)
+
+    def await_snapshot(self, name: str, timeout: float = SHIM_TIMEOUT) -> None:
+        """A snapshot under way (a scheduled one, most often) ends in a moment: an operation
+        waits for it rather than being refused. Returns at once otherwise, and after `timeout`
+        in any case (the operation then meets the state machine as usual)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = self.catalog.find_container(name)
+            if rec is None or rec.state != states.CHECKPOINTING or not rec.owner or \
+                    linux.proc_gone((rec.owner["pid"], rec.owner["start"])):
+                return
+            time.sleep(0.05)
+
+    def set_schedule(self, name: str, schedule: Schedule | None) -> ContainerRecord:
+        """Change when NAME's snapshots are taken; its shim sees it within a second. Refused
+        while another host or a restore is deciding what the container is."""
+        with self.catalog.transaction():
+            rec = self.catalog.container(name)
+            if rec.state in (states.MIGRATING, states.RESTORING, states.IN_DOUBT):
+                hint = f"; run `migrate recover {name}`" if rec.state == states.IN_DOUBT else ""
+                raise Conflict(f"cannot schedule {name}: it is {rec.state}{hint}")
+            self.catalog.set_fields(name, spec=replace(rec.spec, schedule=schedule).to_json())
+        return self.catalog.container(name)
 
     def release(self, name: str) -> None:
         """Free a container's kernel resources after a failed start or restore: processes left in

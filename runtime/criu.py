@@ -33,6 +33,15 @@ def _rpc():
     return rpc_pb2
 
 
+def version_tuple(version: str | None) -> tuple[int, ...]:
+    """'4.1.1' -> (4, 1, 1), for comparing CRIU versions (anything unreadable counts as 0)."""
+    parts = []
+    for piece in (version or "").split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def find_binary() -> str:
     """Absolute path of the criu to use: $MIGRATE_CRIU, else `criu` on PATH or in the sbin folders."""
     explicit = os.environ.get("MIGRATE_CRIU")
@@ -222,19 +231,33 @@ def abort_lazy_dump(port: int) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def pages_written(stats: Path) -> int:
-    """Pages a dump or pre-dump wrote: its stats-dump image is two magics (service image,
-    stats), a size and one stats_entry. Parsed here: pycriu's own reader (pb2dict) does not
-    work with current protobuf."""
+def _dump_stats(stats: Path):
+    """A dump's or pre-dump's stats: its stats-dump image is two magics (service image, stats),
+    a size and one stats_entry. Parsed here: pycriu's own reader (pb2dict) does not work with
+    current protobuf."""
     from pycriu.images import stats_pb2
 
     data = stats.read_bytes()
+    if len(data) < 12:
+        raise CriuError(f"{stats} is not CRIU's stats image")
     service, magic, size = struct.unpack_from("<III", data)
     if (service, magic) != (0x55105940, 0x57093306):
         raise CriuError(f"{stats} is not CRIU's stats image")
     entry = stats_pb2.stats_entry()
     entry.ParseFromString(data[12:12 + size])
-    return entry.dump.pages_written
+    return entry.dump
+
+
+def pages_written(stats: Path) -> int:
+    return _dump_stats(stats).pages_written
+
+
+def frozen_seconds(stats: Path) -> float | None:
+    """How long a (non-lazy) dump held the tree frozen, as CRIU measured it; None if unknown."""
+    try:
+        return _dump_stats(stats).frozen_time / 1e6
+    except (OSError, CriuError, ImportError):
+        return None
 
 
 PAGES_STALL = 60.0  # seconds without a page arriving before a lazy transfer counts as failed

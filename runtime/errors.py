@@ -76,6 +76,12 @@ class InDoubt(MigrateError):
     exit_code = 9
 
 
+class DrainIncomplete(MigrateError):
+    """`migrate drain` left containers on the host: refused by every target, failed, in doubt."""
+
+    exit_code = 10
+
+
 def error_for(exit_code: int, message: str) -> MigrateError:
     """The error to raise for a failure another process (shim, agent) reported with its exit code."""
     for cls in (InvalidInput, NotFound, Conflict, ImageError, CriuError, RemoteError, MigrationFailed):

@@ -17,6 +17,7 @@ from .paths import StateRoot
 
 PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 LAZY_PIPE_SIZE = 4 * 1024 * 1024
+MEMINFO = Path("/proc/meminfo")
 
 
 def host_facts(root: StateRoot, containers: list[str], layers: list[str]) -> dict:
@@ -26,6 +27,7 @@ def host_facts(root: StateRoot, containers: list[str], layers: list[str]) -> dic
         "layers": layers,
         "containers": containers,
         "free_bytes": _free_bytes(root.root),
+        "mem_available": _mem_available(),
         "pipe_max_size": int(PIPE_MAX_SIZE.read_text()),
         "cgroup_controllers": controllers(HostCgroups.of_this_host()),
     }
@@ -43,6 +45,15 @@ def host_facts(root: StateRoot, containers: list[str], layers: list[str]) -> dic
 def _free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def _mem_available() -> int | None:
+    """MemAvailable: what `migrate drain` places containers by (None where the kernel has none)."""
+    for line in MEMINFO.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "MemAvailable":
+            return int(value.split()[0]) * 1024
+    return None
 
 
 def cpuinfo_dump(criu: Criu) -> bytes:

@@ -43,9 +43,17 @@ _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # What a corrupt or truncated stream raises while being decompressed or untarred.
-_CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
+CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)
 OPAQUE_MARKER = ".wh..wh..opq"
 WHITEOUT_PREFIX = ".wh."
+# Bounds on what one tar stream may make the reader do (REVIEW S3): tarfile reads a pax or GNU
+# long-name header whole into memory, and every member costs an inode.
+MAX_HEADER_BYTES = 1 << 20
+MAX_MEMBERS = 1_000_000
+# xattrs an overlay-native tree (an upper dir, a stored layer) may carry; others are dropped
+NATIVE_XATTRS = ("trusted.overlay.", "user.", "security.capability", "system.posix_acl_access",
+                 "system.posix_acl_default")
+XATTR_PAX = "SCHILY.xattr."
 
 
 def parse_digest(digest: str) -> str:
@@ -144,11 +152,11 @@ class LayerStore:
         final = self.path / "sha256" / hex_
         sidecar = final.with_suffix(".json")
         try:
-            blob = _Digesting(fileobj)
-            tar_stream = _Digesting(_decompressor(blob, digest))
-            _Extractor(tmp, digest, self._whiteouts).run(tar_stream)
-            _drain(tar_stream)
-            _drain(blob)
+            blob = Digesting(fileobj)
+            tar_stream = Digesting(_decompressor(blob, digest))
+            _Extractor(tmp, f"layer {digest}", self._whiteouts).run(tar_stream)
+            drain(tar_stream)
+            drain(blob)
             diff_id_found = "sha256:" + tar_stream.hexdigest()
             _check(digest, blob, size, diff_id_found, diff_id)
             # The sidecar first: a layer directory never exists without it.
@@ -164,7 +172,7 @@ class LayerStore:
             _force_rmtree(tmp)
             if not final.exists():
                 sidecar.unlink(missing_ok=True)
-            if isinstance(e, _CORRUPT):
+            if isinstance(e, CORRUPT):
                 raise ImageError(f"layer {digest}: corrupt or truncated data ({e})") from None
             raise
         return True
@@ -190,12 +198,17 @@ class LayerStore:
         (self.path / "sha256").mkdir(parents=True, exist_ok=True)
         final = self.path / "sha256" / hex_
         sidecar.rename(final.with_suffix(".json"))  # the sidecar first, as in add_from_stream
-        tree.rename(final)
+        try:
+            tree.rename(final)
+        except OSError:
+            if self.has(digest):  # another move or import adopted the same layer meanwhile
+                return False
+            raise
         return True
 
     def _verify_present(self, digest: str, fileobj: BinaryIO, size: int | None, diff_id: str | None) -> None:
-        blob = _Digesting(fileobj)
-        _drain(blob)
+        blob = Digesting(fileobj)
+        drain(blob)
         _check(digest, blob, size, self._meta(digest)["diff_id"], diff_id)
 
     def _meta(self, digest: str) -> dict:
@@ -205,7 +218,7 @@ class LayerStore:
         return self.path / "tmp"
 
 
-def _check(digest: str, blob: "_Digesting", size: int | None, actual_diff_id: str, diff_id: str | None) -> None:
+def _check(digest: str, blob: "Digesting", size: int | None, actual_diff_id: str, diff_id: str | None) -> None:
     actual = "sha256:" + blob.hexdigest()
     if actual != digest:
         raise ImageError(f"layer {digest}: digest mismatch, the blob hashes to {actual}")
@@ -215,7 +228,7 @@ def _check(digest: str, blob: "_Digesting", size: int | None, actual_diff_id: st
         raise ImageError(f"layer {digest}: uncompressed content hashes to {actual_diff_id}, the config says {diff_id}")
 
 
-class _Digesting:
+class Digesting:
     """Passes a stream through, hashing and counting every byte read."""
 
     def __init__(self, src):
@@ -250,7 +263,7 @@ class _Rewound:
         return data
 
 
-def _decompressor(blob: _Digesting, digest: str):
+def _decompressor(blob: Digesting, digest: str):
     head = b""
     while len(head) < 4:
         more = blob.read(4 - len(head))
@@ -267,7 +280,37 @@ def _decompressor(blob: _Digesting, digest: str):
     return raw
 
 
-def _drain(stream) -> None:
+class _Bounded:
+    """A stream that refuses to be read past a limit the reader moves forward member by member:
+    what a tar header may make tarfile read into memory stays bounded."""
+
+    def __init__(self, src, label: str):
+        self._src = src
+        self._label = label
+        self.consumed = 0
+        self.limit = MAX_HEADER_BYTES
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n if n >= 0 else _CHUNK)
+        self.consumed += len(data)
+        if self.consumed > self.limit:
+            raise ImageError(f"{self._label}: a tar header is larger than {MAX_HEADER_BYTES} bytes")
+        return data
+
+
+def tar_members(stream, label: str):
+    """(tar, member) of a tar stream read front to back, with its headers and member count
+    bounded (MAX_HEADER_BYTES, MAX_MEMBERS); each member's data must be read before the next."""
+    bounded = _Bounded(stream, label)
+    with tarfile.open(fileobj=bounded, mode="r|") as tar:
+        for count, member in enumerate(tar, 1):
+            if count > MAX_MEMBERS:
+                raise ImageError(f"{label}: more than {MAX_MEMBERS} members")
+            bounded.limit = bounded.consumed + member.size + MAX_HEADER_BYTES
+            yield tar, member
+
+
+def drain(stream) -> None:
     while stream.read(_CHUNK):
         pass
 
@@ -303,12 +346,19 @@ def _member_parts(name: str, what: str) -> tuple[str, ...]:
 
 
 class _Extractor:
-    """Extracts one layer tar stream into an empty directory, member by member."""
+    """Extracts one tar stream into an empty directory, member by member.
 
-    def __init__(self, root: Path, digest: str, whiteouts: OverlayWhiteouts):
+    An image layer comes in OCI form (`.wh.` files are whiteouts). A `native` tree (a snapshot's
+    upper dir, a stored layer, as runtime/archive.py carries them) is already in overlayfs form:
+    its whiteouts are 0:0 character devices (no other device is accepted), and its opaque
+    directories and other overlay marks are the xattrs NATIVE_XATTRS allows.
+    """
+
+    def __init__(self, root: Path, label: str, whiteouts: OverlayWhiteouts, native: bool = False):
         self._root = root
-        self._digest = digest
+        self._label = label
         self._whiteouts = whiteouts
+        self._native = native
         self._privileged = os.geteuid() == 0
         self._extracted: set[tuple[str, ...]] = set()  # non-directories, the valid hard link targets
         self._dir_attrs: dict[tuple[str, ...], tarfile.TarInfo] = {}
@@ -319,29 +369,29 @@ class _Extractor:
         member = None
         try:
             os.chmod(self._root_fd, 0o755)  # the container's "/" unless the layer says otherwise
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    self._member(tar, member)
+            for tar, member in tar_members(stream, self._label):
+                self._member(tar, member)
             member = None
             for parts in sorted(self._dir_attrs, reverse=True):  # children before their parents
                 fd = self._open_dir(parts, create=False, what=f"directory {'/'.join(parts)!r}")
                 try:
                     self._set_attrs(fd, None, self._dir_attrs[parts])
+                    self._set_xattrs(fd, None, self._dir_attrs[parts])
                 finally:
                     os.close(fd)
-        except _CORRUPT:
+        except CORRUPT:
             raise
         except (OSError, ValueError, OverflowError) as e:
             what = f"member {member.name!r}" if member else "directory attributes"
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise MigrateError(f"layer {self._digest}: {what}: {reason}") from None
-            raise ImageError(f"layer {self._digest}: cannot extract {what}: {reason}") from None
+                raise MigrateError(f"{self._label}: {what}: {reason}") from None
+            raise ImageError(f"{self._label}: cannot extract {what}: {reason}") from None
         finally:
             os.close(self._root_fd)
 
     def _what(self, member: tarfile.TarInfo) -> str:
-        return f"layer {self._digest}: member {member.name!r}"
+        return f"{self._label}: member {member.name!r}"
 
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         parts = _member_parts(m.name, self._what(m))
@@ -352,7 +402,7 @@ class _Extractor:
         parent = self._open_dir(parts[:-1], create=True, what=self._what(m))
         try:
             leaf = parts[-1]
-            if leaf.startswith(WHITEOUT_PREFIX):
+            if leaf.startswith(WHITEOUT_PREFIX) and not self._native:
                 self._whiteout(parent, leaf, m)
             elif self._make_room(parent, leaf, m):
                 self._create(tar, parent, parts, m)
@@ -415,6 +465,8 @@ class _Extractor:
 
     def _create(self, tar: tarfile.TarFile, parent: int, parts: tuple[str, ...], m: tarfile.TarInfo) -> None:
         leaf = parts[-1]
+        if self._native and m.issparse():
+            raise ImageError(f"{self._what(m)} is a sparse file, which a native tree never holds")
         if m.isreg():
             fd = os.open(
                 leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
@@ -424,6 +476,7 @@ class _Extractor:
                 while chunk := src.read(_CHUNK):
                     _write_all(fd, chunk)
                 self._set_attrs(fd, None, m)
+                self._set_xattrs(fd, None, m)
             finally:
                 os.close(fd)
         elif m.isdir():
@@ -438,6 +491,7 @@ class _Extractor:
         elif m.isfifo() or m.ischr() or m.isblk():
             self._node(parent, leaf, m)
             self._set_attrs(parent, leaf, m)
+            self._set_xattrs(parent, leaf, m)
         else:
             raise ImageError(f"{self._what(m)} has unsupported tar type {m.type!r}")
         self._extracted.add(parts)
@@ -457,6 +511,8 @@ class _Extractor:
         if m.isfifo():
             os.mkfifo(leaf, 0o600, dir_fd=parent)
             return
+        if self._native and not (m.ischr() and (m.devmajor, m.devminor) == (0, 0)):
+            raise ImageError(f"{self._what(m)} is a device node, and only overlay whiteouts (0:0) are accepted")
         kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
         try:
             os.mknod(leaf, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=parent)
@@ -478,6 +534,51 @@ class _Extractor:
         if not m.issym():  # Linux has no mode for symlinks
             os.chmod(leaf, m.mode & 0o7777, dir_fd=fd)
         os.utime(leaf, ns=(mtime, mtime), dir_fd=fd, follow_symlinks=False)
+
+
+    def _set_xattrs(self, fd: int, leaf: str | None, m: tarfile.TarInfo) -> None:
+        """A native tree's allowed xattrs (pax SCHILY.xattr.*), of `fd` or of `leaf` in directory `fd`."""
+        if not self._native:
+            return  # an image's xattrs are ignored: a layer must not inject trusted.overlay.*
+        for key, value in m.pax_headers.items():
+            name = key[len(XATTR_PAX):]
+            if not key.startswith(XATTR_PAX) or not name.startswith(NATIVE_XATTRS):
+                continue
+            raw = value.encode("utf-8", "surrogateescape")
+            if leaf is None:
+                os.setxattr(fd, name, raw)
+            else:  # reached through the directory fd, the leaf itself never followed
+                os.setxattr(f"/proc/self/fd/{fd}/{leaf}", name, raw, follow_symlinks=False)
+
+
+def extract_native_tree(stream, dest: Path, label: str) -> None:
+    """Extract a tar written by native_tree_tar into the empty folder dest, as safely as a layer."""
+    _Extractor(dest, label, OverlayWhiteouts(), native=True).run(stream)
+
+
+def native_tree_tar(src: Path, out: BinaryIO) -> None:
+    """Write the tree at src as a pax tar to `out`, in the form a native _Extractor reads back:
+    numeric owners, hard links, whiteout devices, xattrs; sockets (recreated by whoever binds
+    them) are left out."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for dirpath, dirs, files in os.walk(src):
+            dirs.sort()
+            rel = os.path.relpath(dirpath, src)
+            links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]  # never walked into
+            for name in [None, *sorted(files), *links]:
+                path = dirpath if name is None else os.path.join(dirpath, name)
+                arcname = rel if name is None else os.path.normpath(os.path.join(rel, name))
+                info = tar.gettarinfo(path, arcname)
+                if info is None:
+                    continue  # a socket
+                info.uname = info.gname = ""
+                info.pax_headers = {XATTR_PAX + k: os.getxattr(path, k, follow_symlinks=False).decode(
+                    "utf-8", "surrogateescape") for k in os.listxattr(path, follow_symlinks=False)}
+                if info.isreg():
+                    with open(path, "rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    tar.addfile(info)
 
 
 def _write_all(fd: int, data: bytes) -> None:

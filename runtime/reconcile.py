@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import linux, states
 from .cgroups import Cgroups
+from .criu import frozen_seconds
 from .paths import CHECKPOINT_META, DUMP_SYNCED, PARTIAL_PREFIX, SNAPSHOT_META, StateRoot
 from .spec import ContainerSpec
 from .store import Catalog, ContainerRecord, SnapshotRecord, own_identity
@@ -150,15 +151,19 @@ def adopt_snapshot(catalog: Catalog, sdir: Path) -> SnapshotRecord:
     meta = json.loads((sdir / SNAPSHOT_META).read_text())
     if meta["id"] != sdir.name:
         raise ValueError(f"{sdir} holds snapshot {meta['id']}")
-    existing = [s for s in catalog.snapshots(meta["container"]) if s.id == meta["id"]]
-    if existing:
-        return existing[0]
-    tag = meta.get("tag")
-    if tag and any(s.tag == tag for s in catalog.snapshots(meta["container"])):
-        tag = None  # taken meanwhile by another snapshot: adopted untagged
-    snap = SnapshotRecord(meta["id"], meta["container"], tag, float(meta["created"]),
-                          ContainerSpec.from_json(json.dumps(meta["spec"])), meta["criu_version"], int(meta["size"]))
-    catalog.add_snapshot(snap)
+    pause = frozen_seconds(sdir / "images" / "stats-dump")
+    # one transaction: the checkpoint that published it and any command's sweep may both adopt it
+    with catalog.transaction():
+        existing = [s for s in catalog.snapshots(meta["container"]) if s.id == meta["id"]]
+        if existing:
+            return existing[0]
+        tag = meta.get("tag")
+        if tag and any(s.tag == tag for s in catalog.snapshots(meta["container"])):
+            tag = None  # taken meanwhile by another snapshot: adopted untagged
+        snap = SnapshotRecord(meta["id"], meta["container"], tag, float(meta["created"]),
+                              ContainerSpec.from_json(json.dumps(meta["spec"])), meta["criu_version"],
+                              int(meta["size"]), bool(meta.get("scheduled")), pause)
+        catalog.add_snapshot(snap)
     return snap
 
 
@@ -168,16 +173,17 @@ def sweep_snapshots(root: StateRoot, catalog: Catalog) -> list[str]:
     notes = []
     known = {s.id for s in catalog.snapshots()}
     for folder in sorted(root.snapshots.iterdir()) if root.snapshots.is_dir() else []:
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            owner = None  # its owner file is written before anything else: it never began
         if folder.name.startswith(PARTIAL_PREFIX):
-            try:
-                owner = json.loads((folder / OWNER_FILE).read_text())
-            except (OSError, ValueError):
-                owner = None  # its owner file is written before anything else: it never began
             if not _alive(owner):
                 shutil.rmtree(folder, ignore_errors=True)
                 notes.append(f"removed the unfinished snapshot {folder.name[len(PARTIAL_PREFIX):]} "
                              "of a checkpoint that died")
-        elif folder.name not in known and (folder / SNAPSHOT_META).exists():
+        elif folder.name not in known and (folder / SNAPSHOT_META).exists() and not _alive(owner):
+            # (one whose checkpoint still runs is recorded by it, with what CRIU adds at its end)
             try:
                 snap = adopt_snapshot(catalog, folder)
             except (OSError, ValueError, KeyError) as e:

@@ -31,6 +31,7 @@ from .criu import Criu, RestoreOptions, _rpc
 from .errors import CriuError, MigrateError
 from .layers import LayerStore
 from .paths import CHECKPOINT_META, StateRoot
+from .schedule import Scheduler
 from .spec import ContainerSpec
 from .store import Catalog
 
@@ -136,12 +137,15 @@ class Shim:
 
     # supervising it
     def supervise(self, init_pid: int, fence_fd: int | None = None,
-                  fence_holds: Callable[[], bool] = lambda: True) -> tuple[int, bool]:
+                  fence_holds: Callable[[], bool] = lambda: True,
+                  scheduler: Scheduler | None = None) -> tuple[int, bool]:
         """Copy output to the log until init exits; returns init's exit code and whether the
         container was fenced: with fence_fd (the go pipe of a migration's restore), EOF there
         before the commit byte means whoever restored it is gone: unless `fence_holds()` says
         the migration committed meanwhile (the agent decided, then died before telling us),
-        this copy must not run on (the source resumes), and the tree is killed at once."""
+        this copy must not run on (the source resumes), and the tree is killed at once.
+        The scheduler, if any, starts scheduled snapshots on time meanwhile."""
+        on_other = scheduler.reaped if scheduler is not None else None
         log = os.open(self.dir / "container.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         sel = selectors.DefaultSelector()
         for fd in self.readers:
@@ -168,13 +172,15 @@ class Shim:
                     sel.unregister(key.fd)
                     os.close(key.fd)
             if exit_code is None:
-                exit_code = _reap(init_pid)
+                exit_code = _reap(init_pid, on_other)
                 if exit_code is not None:
                     drain_until = time.monotonic() + 2.0
+                elif scheduler is not None:
+                    scheduler.tick(time.time())
             elif time.monotonic() > drain_until:
                 break  # a leaked writer elsewhere must not keep us alive
         while exit_code is None:
-            exit_code = _reap(init_pid)
+            exit_code = _reap(init_pid, on_other)
             time.sleep(0.05)
         if fence_fd is not None and not fenced:  # it ended before the commit: no commit may follow
             fenced = fence_holds()
@@ -188,8 +194,9 @@ class Shim:
         self.cgroups.remove()
 
 
-def _reap(init_pid: int) -> int | None:
-    """Reap any finished children (we are a subreaper); return init's exit code once it is gone."""
+def _reap(init_pid: int, on_other: Callable[[int], None] | None = None) -> int | None:
+    """Reap any finished children (we are a subreaper); return init's exit code once it is gone.
+    Every other child reaped is told to on_other (the scheduled snapshot's worker)."""
     result = None
     while True:
         try:
@@ -201,6 +208,8 @@ def _reap(init_pid: int) -> int | None:
         if pid == init_pid:
             result = os.waitstatus_to_exitcode(status)
             result = 128 - result if result < 0 else result
+        elif on_other is not None:
+            on_other(pid)
 
 
 def _reap_all() -> None:
@@ -272,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     faults.point("restored")
     _report(status, {"ok": True, "pid": pid})
     code, fenced = shim.supervise(pid, fence_fd=sys.stdin.fileno() if args.migration else None,
-                                  fence_holds=lambda: _abort_unless_committed(catalog, args.name, args.migration))
+                                  fence_holds=lambda: _abort_unless_committed(catalog, args.name, args.migration),
+                                  scheduler=Scheduler(catalog, args.name, time.time()))
     _safe(shim.teardown)
     if fenced:  # it never became this host's container: no record, no folder remains of it
         if catalog.remove_if_state(args.name, states.RUNNING):

@@ -20,7 +20,7 @@ from . import criulogs, faults, linux, procfs, rootfs, states
 from .cgroups import Cgroups
 from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
-from .errors import CriuError, MigrateError, NotFound
+from .errors import Conflict, CriuError, MigrateError, NotFound
 from .paths import CHECKPOINT_META, DUMP_SYNCED, SNAPSHOT_META
 from .reconcile import OWNER_FILE, adopt_snapshot, write_owner
 from .spec import ContainerSpec, validate_name
@@ -165,7 +165,8 @@ class Snapshots:
         self.catalog = runtime.catalog
         self.root = runtime.root
 
-    def checkpoint(self, name: str, leave_running: bool = False, tag: str | None = None) -> SnapshotRecord:
+    def checkpoint(self, name: str, leave_running: bool = False, tag: str | None = None,
+                   scheduled: bool = False) -> SnapshotRecord:
         """Dump NAME into a new snapshot. It is written aside (snapshots/.partial-ID) and
         published by one rename while the tree is still frozen, after every file is on disk:
         so a snapshot exists only complete, before the tree it holds is ended, and once CRIU's
@@ -179,7 +180,8 @@ class Snapshots:
             raise CriuError(f"cannot checkpoint {name}: {blocker}")
         snapshot_id = secrets.token_hex(6)
         # before anything changes: a missing or broken criu fails here, the container untouched
-        meta = {"id": snapshot_id, "container": name, "tag": tag, "criu_version": Criu().version()}
+        meta = {"id": snapshot_id, "container": name, "tag": tag, "criu_version": Criu().version(),
+                "scheduled": scheduled}
         rec = self.catalog.transition(name, "checkpoint", owner={**own_identity(), "snapshot": snapshot_id})
         final = self.root.snapshot_dir(snapshot_id)
         partial = self.root.partial_snapshot_dir(snapshot_id)
@@ -255,11 +257,16 @@ class Snapshots:
                 tcp_close: bool = False) -> ContainerRecord:
         snap = self._find(name, ref)
         target = validate_name(new_name or name)
+        existing = self.catalog.find_container(target)
+        if existing is not None and existing.state == states.RUNNING and not (
+                existing.shim_pid and linux.pid_running(existing.shim_pid)):
+            raise Conflict(f"cannot restore {target}: it is unsupervised (its shim died, its processes run); "
+                           f"`migrate stop {target}` first")
         cdir = self.root.container_dir(name)
         in_place = target == name and _upper_is_of(cdir, snap.id)
         try:
             return self.restore_dir(self.root.snapshot_dir(snap.id), target, move=False, in_place=in_place,
-                                    tcp_close=tcp_close)
+                                    tcp_close=tcp_close, snapshot_id=snap.id)
         except BaseException:
             if in_place:  # CRIU fails before the tree resumes: the upper dir is still the snapshot's
                 _mark_upper_snapshot(cdir, snap.id)
@@ -267,7 +274,7 @@ class Snapshots:
 
     def restore_dir(self, sdir: Path, name: str, move: bool, lazy: bool = False,
                     shim: LaunchedShim | None = None, in_place: bool = False,
-                    tcp_close: bool = False) -> ContainerRecord:
+                    tcp_close: bool = False, snapshot_id: str | None = None) -> ContainerRecord:
         """Bring back the container checkpointed in sdir as NAME.
 
         move=False keeps sdir intact (a snapshot); move=True takes its upper dir and log
@@ -275,7 +282,8 @@ class Snapshots:
         upper dir, which is still exactly the snapshot's: its files keep their inode numbers,
         which programs such as SQLite compare with the ones they opened. tcp_close brings
         connections to the outside back closed. `shim` is one launched ahead of time for this
-        restore (see Runtime.launch_shim), with its own tcp_close.
+        restore (see Runtime.launch_shim), with its own tcp_close. snapshot_id: the snapshot
+        sdir is, recorded as the one the container came from (its own among those of its name).
         """
         spec = ContainerSpec.from_json((sdir / SPEC_FILE).read_text()).renamed(name)
         self.rt.require_layers(spec)
@@ -289,7 +297,7 @@ class Snapshots:
             self.catalog.set_fields(name, spec=spec.to_json())
         try:
             self._prepare_dir(name, sdir, keep_log=existing is not None, move=move, in_place=in_place)
-            self.catalog.transition(name, "restore")
+            self.catalog.transition(name, "restore", restored_from=snapshot_id)
             faults.point("restore")
             if shim is not None:
                 shim.go()
@@ -325,12 +333,21 @@ class Snapshots:
             (os.rename if move else shutil.copy2)(sdir / "container.log", log)
 
     def _find(self, name: str, ref: str | None) -> SnapshotRecord:
+        """REF, else the newest snapshot of NAME: of the container of that name if there is one
+        (never one an earlier, removed container of its name left), else of the removed one."""
         if ref is not None:
             return self.catalog.snapshot(ref, container=name)
-        snaps = self.catalog.snapshots(name)
+        rec = self.catalog.find_container(name)
+        snaps = self.catalog.own_snapshots(rec) if rec is not None else self.catalog.snapshots(name)
         if not snaps:
-            raise NotFound(f"no snapshot of {name}")
+            earlier = " (older ones of that name are an earlier container's: name one with --snapshot)" \
+                if self.catalog.snapshots(name) else ""
+            raise NotFound(f"no snapshot of {name}{earlier}")
         return snaps[-1]
+
+    def lost_with_snapshot(self) -> list[str]:
+        """The lost containers that a snapshot can bring back (`restore --all`, e.g. at boot)."""
+        return [r.name for r in self.catalog.containers() if r.state == states.LOST and self.catalog.own_snapshots(r)]
 
     def list(self, name: str | None = None) -> list[SnapshotRecord]:
         if name is not None and self.catalog.find_container(name) is None and not self.catalog.snapshots(name):

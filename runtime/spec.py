@@ -28,6 +28,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'2s', '10m', '1.5h', '30' (seconds) -> seconds, more than zero."""
+    m = _DURATION.fullmatch(text.strip())
+    seconds = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()] if m else 0
+    if seconds <= 0:
+        raise InvalidInput(f"invalid duration {text!r}: use a positive number with an optional ms, s, m, h or d suffix")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Volume:
     """A host directory bind-mounted into the container; CRIU sees it as a declared external mount."""
@@ -59,6 +72,17 @@ class Limits:
     pids: int | None = None
 
 
+DRAIN_POLICIES = ("live", "checkpoint", "stop")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Leave-running snapshots every `every` seconds, the newest `keep` of them kept."""
+
+    every: float
+    keep: int = 3
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to start the container again from its image layers, here or elsewhere."""
@@ -72,6 +96,8 @@ class ContainerSpec:
     working_dir: str = "/"
     volumes: tuple[Volume, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    schedule: Schedule | None = None
+    drain_policy: str | None = None  # what `migrate drain` does with it: one of DRAIN_POLICIES; None: unset
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -89,6 +115,8 @@ class ContainerSpec:
             working_dir=d["working_dir"],
             volumes=tuple(Volume(**v) for v in d["volumes"]),
             limits=Limits(**d["limits"]),
+            schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,  # absent before schedules
+            drain_policy=d.get("drain_policy"),
         )
 
     def renamed(self, name: str) -> "ContainerSpec":

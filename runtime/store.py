@@ -58,6 +58,13 @@ _MIGRATIONS = (
     # of the migration whose uncommitted copy a record is
     *journal.SCHEMA,
     "ALTER TABLE containers ADD COLUMN migration TEXT",
+    # version 3: snapshots taken by a schedule (retention prunes only those), and how long
+    # the container was frozen for each
+    "ALTER TABLE snapshots ADD COLUMN scheduled INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE snapshots ADD COLUMN pause REAL",
+    # the snapshot a container was last restored from: with those taken since it was created,
+    # the snapshots that are its own (older ones of its name belong to an earlier container)
+    "ALTER TABLE containers ADD COLUMN restored_from TEXT",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -86,6 +93,7 @@ class ContainerRecord:
     exit_code: int | None
     owner: dict | None = None  # {"pid", "start"} of the process holding a transient state
     migration: str | None = None  # on a migration's target, until its commit: that migration's id
+    restored_from: str | None = None  # the snapshot it was last restored from, if any
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class SnapshotRecord:
     spec: ContainerSpec
     criu_version: str
     size: int
+    scheduled: bool = False  # taken by the container's schedule (runtime/schedule.py), pruned by it
+    pause: float | None = None  # seconds the container was frozen for it, as CRIU measured
 
 
 class Catalog:
@@ -252,8 +262,10 @@ class Catalog:
     def add_snapshot(self, rec: SnapshotRecord) -> None:
         self.require_free_tag(rec.container, rec.tag)
         self._db.execute(
-            "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?)",
-            (rec.id, rec.container, rec.tag, rec.created, rec.spec.to_json(), rec.criu_version, rec.size),
+            "INSERT INTO snapshots (id, container, tag, created, spec, criu_version, size, scheduled, pause) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (rec.id, rec.container, rec.tag, rec.created, rec.spec.to_json(), rec.criu_version, rec.size,
+             int(rec.scheduled), rec.pause),
         )
 
     def snapshots(self, container: str | None = None) -> list[SnapshotRecord]:
@@ -262,6 +274,11 @@ class Catalog:
         else:
             rows = self._db.execute("SELECT * FROM snapshots WHERE container=? ORDER BY created", (container,))
         return [_snapshot(r) for r in rows]
+
+    def own_snapshots(self, rec: ContainerRecord) -> list[SnapshotRecord]:
+        """REC's snapshots, oldest first: those taken since it was created and the one it was
+        restored from. Others of its name are an earlier container's, removed and run anew."""
+        return [s for s in self.snapshots(rec.name) if s.created >= rec.created or s.id == rec.restored_from]
 
     def snapshot(self, ref: str, container: str | None = None) -> SnapshotRecord:
         """Find a snapshot by id, or by tag within a container."""
@@ -279,7 +296,7 @@ class Catalog:
 
 
 _CONTAINER_COLUMNS = frozenset({"state", "spec", "pid", "shim_pid", "cgroups", "started", "finished", "exit_code",
-                                "owner", "migration"})
+                                "owner", "migration", "restored_from"})
 _JSON_COLUMNS = frozenset({"cgroups", "owner"})
 
 
@@ -308,9 +325,11 @@ def _container(row) -> ContainerRecord:
         shim_pid=row["shim_pid"], cgroups=json.loads(row["cgroups"]), created=row["created"],
         started=row["started"], finished=row["finished"], exit_code=row["exit_code"],
         owner=json.loads(row["owner"]) if row["owner"] else None, migration=row["migration"],
+        restored_from=row["restored_from"],
     )
 
 
 def _snapshot(row) -> SnapshotRecord:
     return SnapshotRecord(row["id"], row["container"], row["tag"], row["created"],
-                          ContainerSpec.from_json(row["spec"]), row["criu_version"], row["size"])
+                          ContainerSpec.from_json(row["spec"]), row["criu_version"], row["size"],
+                          bool(row["scheduled"]), row["pause"])

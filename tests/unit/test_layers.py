@@ -232,3 +232,21 @@ def test_remove_unused_keeps_a_layer_in_use(store):
     assert store.remove_unused(unused, in_use) is False  # gone already: nothing to do
     store.remove_unused(used, set())
     assert_empty(store)
+
+
+def test_a_layer_adopted_meanwhile_by_another_move_is_not_an_error(store, tmp_path):
+    """Two moves of the same image to one host (a drain with --parallel) both stage the layer;
+    the second to adopt it finds it there once its own rename fails."""
+    digest = "sha256:" + "ab" * 32
+    hex_ = parse_digest(digest)
+    for copy in ("one", "two"):
+        staged = tmp_path / copy
+        (staged / hex_ / "etc").mkdir(parents=True)
+        (staged / hex_ / "etc" / "hostname").write_text(copy)
+        (staged / f"{hex_}.json").write_text('{"diff_id": null}')
+    assert store.adopt(digest, tmp_path / "one")
+    real_has, looks = store.has, []
+    store.has = lambda d: bool(looks.append(d) or len(looks) > 1) and real_has(d)  # not there at its first look
+    assert store.adopt(digest, tmp_path / "two") is False
+    assert (store.path_of(digest) / "etc" / "hostname").read_text() == "one"
+    assert len(looks) == 2

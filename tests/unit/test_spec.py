@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from runtime.errors import InvalidInput
-from runtime.spec import ContainerSpec, Limits, Volume, parse_size, validate_name
+from runtime.spec import ContainerSpec, Limits, Schedule, Volume, parse_duration, parse_size, validate_name
 
 
 @pytest.mark.parametrize("name", ["a", "ctr1", "web.1", "job_2-x", "A" * 63])
@@ -45,3 +47,25 @@ def test_spec_json_round_trip():
                          ("A=1",), "/tmp", (Volume("/h", "/c", True),), Limits(1 << 20, 0.5, 10))
     assert ContainerSpec.from_json(spec.to_json()) == spec
     assert spec.renamed("d").name == "d" and spec.renamed("d").layers == spec.layers
+
+
+@pytest.mark.parametrize("text,expected", [("2s", 2), ("10m", 600), ("1.5h", 5400), ("30", 30), ("250ms", 0.25),
+                                           ("1d", 86400)])
+def test_durations(text, expected):
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "0s", "-1s", "5x", "soon", "1 week"])
+def test_bad_durations(text):
+    with pytest.raises(InvalidInput):
+        parse_duration(text)
+
+
+def test_schedule_and_drain_policy_round_trip_and_default_when_absent():
+    spec = ContainerSpec(name="c", image="i", image_id="sha256:x", layers=(), argv=("sh",),
+                         schedule=Schedule(every=2.0, keep=5), drain_policy="checkpoint")
+    assert ContainerSpec.from_json(spec.to_json()) == spec
+    old = json.loads(spec.to_json())
+    del old["schedule"], old["drain_policy"]  # a spec written before either existed
+    back = ContainerSpec.from_json(json.dumps(old))
+    assert back.schedule is None and back.drain_policy is None  # unset: `migrate drain --policy` decides

@@ -4,6 +4,7 @@ own slice with its limits; it outlives the SSH session that started it; a killed
 `running`; checkpoint, restore and moves back and forth keep the counter going and leave no
 cgroup behind."""
 
+import json
 import re
 import time
 
@@ -123,3 +124,70 @@ def test_checkpoint_restore_and_moves_back_and_forth(guests):
     finally:
         for guest in (a, b):
             guest.sh("migrate rm -f t4")
+
+
+def test_moves_between_hosts_on_different_criu_versions(guests):
+    """host-a on Debian sid's CRIU 4.2 (setup --criu sid), host-b on Debian 12's 3.17: the move
+    up to the newer CRIU works (auto takes copy: their page servers cannot talk across 4.2), the
+    move down is refused before anything is frozen, saying why."""
+    a, b = guests["host-a"], guests["host-b"]
+    out = a.ok("cd /root/migrate && PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheels ./scripts/setup --criu sid",
+               timeout=1500)
+    try:
+        assert re.search(r"^criu 4\.2\S* at /usr/local/sbin/criu \(private prefix /opt/migrate/criu-sid, Debian sid\)$",
+                         out, re.M), out
+        a.ok("scp -q /root/busybox.tar host-b:/root/busybox.tar")
+        b.ok("migrate image import /root/busybox.tar")
+        b.ok(f"migrate run --name t5 busybox:latest sh -c '{COUNTER}'")
+        before = b.wait(lambda: len(n := numbers(b, "t5")) > 5 and n, 120, "t5 to count")
+        # 3.17 -> 4.2: copy mode, chosen by auto and saying why
+        r = b.migrate("t5", "host-a", timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "cannot stream memory to each other (changed in 4.2)" in r.stdout + r.stderr, r
+        before = assert_counts_on(a, "t5", before)
+        assert_in_its_scope(a, "t5")
+        assert_no_cgroup_of(b, "t5")
+        # 4.2 -> 3.17: refused at preflight, nothing changed: it counts on where it was
+        for mode in ("auto", "copy"):
+            r = a.migrate("t5", "host-b", "--mode", mode, timeout=600)
+            assert r.returncode != 0 and "has CRIU 3.17" in r.stderr and "older than 4.2" in r.stderr, r
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert a.ps()["t5"]["state"] == "running" and "t5" not in b.ps()
+        assert_counts_on(a, "t5", before)
+    finally:
+        for guest in (a, b):
+            guest.sh("migrate rm -f t5")
+        # back to what setup chooses by itself (Debian's own), for whatever runs next on host-a
+        back = a.ok("cd /root/migrate && ./scripts/setup --criu auto", timeout=1500)
+    assert re.search(r"^criu 3\.17\S* at /usr/sbin/criu \(Debian package criu ", back, re.M), back
+
+
+def test_scheduled_snapshots_and_the_boot_unit_bring_back_a_killed_job(guests):
+    """Snapshots every 2 s taken by the shim in its scope; everything of the job killed at
+    once (`systemctl kill` of its scope, as a crash would); the shipped unit
+    migrate-restore.service brings it back, in a scope of its own, from the newest snapshot."""
+    a = guests["host-a"]
+    a.ok("install -m 644 /root/migrate/systemd/migrate-restore.service /etc/systemd/system/ && "
+         "systemctl daemon-reload && systemctl enable migrate-restore.service")
+    a.ok(f"migrate run --name t6 --checkpoint-every 2s busybox:latest sh -c '{COUNTER}'")
+    try:
+        a.wait(lambda: sum(s["scheduled"] for s in json.loads(a.ok("migrate snapshots t6 --json"))) >= 2, 300,
+               "two scheduled snapshots of t6")
+        a.ok("systemctl kill -s KILL migrate-t6.scope")
+        a.wait(lambda: a.ps()["t6"]["state"] == "lost", 60, "t6 to be lost")
+        last = numbers(a, "t6")[-1]
+        a.ok("systemctl start migrate-restore.service", timeout=600)
+        assert a.ps()["t6"]["state"] in ("running", "checkpointing")  # (its schedule goes on at once)
+        assert_in_its_scope(a, "t6")
+
+        def counting_again():  # the numbers up to the kill, then again from the snapshot's on
+            n = numbers(a, "t6")
+            drop = next((i for i in range(1, len(n)) if n[i] <= n[i - 1]), None)
+            return drop is not None and len(n) - drop >= 5 and (n, drop)
+
+        nums, drop = a.wait(counting_again, 120, "t6 to count again")
+        assert nums[drop - 1] == last and 1 < nums[drop] <= last, nums[drop - 3:drop + 3]
+        assert nums[drop:] == list(range(nums[drop], nums[drop] + len(nums) - drop))
+        assert "t6 running" in a.ok("journalctl -u migrate-restore.service --no-pager -o cat")
+    finally:
+        a.sh("migrate rm -f t6; systemctl disable migrate-restore.service; rm -f /etc/systemd/system/migrate-restore.service")
