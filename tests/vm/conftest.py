@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
     elif os.geteuid() != 0:
         reason = "the guests need root"
     elif os.environ.get("MIGRATE_VM_TESTS") != "1":
-        reason = "set MIGRATE_VM_TESTS=1 to boot two Debian 12 guests (about 10 minutes)"
+        reason = "set MIGRATE_VM_TESTS=1 to boot two Debian 12 guests (about 15 minutes; .ci/run does)"
     if reason:
         for item in items:
             if "vm" in item.keywords:
