@@ -308,7 +308,7 @@ class Snapshots:
             if previous is None:
                 self.rt.discard(name)
             else:
-                self.catalog.set_fields(name, state=previous, owner=None)
+                self.catalog.set_fields(name, state=previous, owner=None, restored_from=existing.restored_from)
             raise
         return self.catalog.container(name)
 
