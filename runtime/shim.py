@@ -156,6 +156,7 @@ class Shim:
         exit_code = None
         drain_until = None
         fenced = False
+        lost = 0  # bytes of output the log could not take (a full disk)
         while any(k.fd != fence_fd for k in sel.get_map().values()):
             for key, _ in sel.select(timeout=0.1):
                 if key.fd == fence_fd:
@@ -167,10 +168,12 @@ class Shim:
                     continue
                 data = os.read(key.fd, 65536)
                 if data:
-                    os.write(log, data)
+                    lost = _append(log, data, lost)
                 else:
                     sel.unregister(key.fd)
                     os.close(key.fd)
+            if lost:  # tell the loss as soon as there is room, even if nothing more comes
+                lost = _append(log, b"", lost)
             if exit_code is None:
                 exit_code = _reap(init_pid, on_other)
                 if exit_code is not None:
@@ -192,6 +195,22 @@ class Shim:
         rootfs.unmount_all(self.rootfs)
         self.cgroups.leave()
         self.cgroups.remove()
+
+
+def _append(log: int, data: bytes, lost: int) -> int:
+    """Output into the log. A write that fails (a full disk) drops it and counts it: the
+    container runs on (its output is read all the same, so it never blocks or dies of SIGPIPE)
+    and the log says how much is missing as soon as it can take a line again. Returns the
+    bytes lost and not yet told."""
+    try:
+        if lost:
+            os.write(log, f"\n[migrate: {lost} bytes of output were lost here: the log could not be written]\n".encode())
+            lost = 0
+        if data:
+            os.write(log, data)
+    except OSError:
+        lost += len(data)
+    return lost
 
 
 def _reap(init_pid: int, on_other: Callable[[int], None] | None = None) -> int | None:

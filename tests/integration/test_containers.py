@@ -10,6 +10,7 @@ import pytest
 from clihost import COUNTER, IMAGE, _cli, proc_gone, proc_identity, wait_until
 
 from runtime import linux
+from runtime.cgroups import Cgroups
 from runtime.layers import LayerStore
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -221,3 +222,29 @@ def test_a_containers_cgroups_are_the_tools_own_not_its_callers(bb):
                     linux.send_signal(int(pid), signal.SIGKILL)
                 wait_until(lambda p=p: not (p / "cgroup.procs").read_text(), 10, "the session cgroup to empty")
                 p.rmdir()
+
+
+def test_a_full_disk_costs_output_not_the_container(host, busybox_archives):
+    """The state root fills up while the container writes: the shim drops what the log cannot
+    take and keeps supervising; once there is room again the log says how much was lost."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(host.root)], check=True)
+    try:
+        host.import_busybox(busybox_archives["docker-archive"])
+        filler = host.root / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=2"], check=True, capture_output=True)
+        # 40 MB of output into a 24 MB root, then quiet: room made later is not taken again
+        host.ok("run", "--name", "c1", IMAGE, "sh", "-c", "yes 0123456789abcdef | head -c 40000000; sleep 1000")
+        shim = host.record("c1")["shim_pid"]
+        wait_until(lambda: os.statvfs(host.root).f_bavail == 0, 60, "the state root to fill up")
+        wait_until(lambda: not [p for p in Cgroups(host.record("c1")["cgroups"]).pids()
+                                if Path(f"/proc/{p}/comm").read_text().strip() in ("yes", "head")], 60,
+                   "the output to end (into nowhere)")
+        assert linux.pid_running(shim) and linux.pid_running(host.record("c1")["pid"])
+        filler.unlink()
+        host.wait_log("c1", lambda t: "bytes of output were lost here" in t, 30, "the log to tell what it lost")
+        assert host.container("c1")["state"] == "running"
+        r = host.ok("stop", "-t", "1", "c1")
+        assert "c1 exited" in r.out
+    finally:
+        host.run("rm", "-f", "c1")
+        subprocess.run(["umount", "-l", str(host.root)], check=False)
