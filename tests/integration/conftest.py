@@ -47,15 +47,25 @@ def _host(work: Path, failed: Callable[[], bool]):
             pytest.fail("the runtime left things behind (cleaned up now):\n  " + "\n  ".join(leaks))
 
 
-@pytest.fixture
-def host(request, tmp_path):
-    """A fresh state root of our own; torn down completely afterwards, even when the test fails."""
-
+def _test_failed(request) -> Callable[[], bool]:
     def failed() -> bool:
         call = getattr(request.node, "rep_call", None)
         return call is not None and call.failed
 
-    with _host(tmp_path / "work", failed) as h:
+    return failed
+
+
+@pytest.fixture
+def host(request, tmp_path):
+    """A fresh state root of our own; torn down completely afterwards, even when the test fails."""
+    with _host(tmp_path / "work", _test_failed(request)) as h:
+        yield h
+
+
+@pytest.fixture
+def other(request, tmp_path):
+    """A second host beside `host`: a state root of its own, torn down the same way, no image."""
+    with _host(tmp_path / "work-b", _test_failed(request)) as h:
         yield h
 
 

@@ -9,21 +9,8 @@ import stat
 import pytest
 import zstandard
 from clihost import COUNTER, IMAGE, assert_consecutive, counter_numbers, record_timing
-from conftest import _host
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
-
-
-@pytest.fixture
-def other(request, tmp_path):
-    """A second host: a state root of its own, torn down like `host`, without the image."""
-
-    def failed() -> bool:
-        call = getattr(request.node, "rep_call", None)
-        return call is not None and call.failed
-
-    with _host(tmp_path / "work-b", failed) as h:
-        yield h
 
 
 def _export(h, *args: str) -> tuple[str, "os.PathLike"]:
