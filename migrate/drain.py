@@ -162,6 +162,11 @@ def survey(rt: Runtime, d: Drain) -> None:
     """What each container of this host is to become: running ones as their policy says; the
     rest are no work (nothing runs), except those held by an operation or in doubt."""
     for rec in rt.catalog.containers():
+        if rec.state == states.CHECKPOINTING:  # a (scheduled) snapshot under way ends in a moment
+            rt.await_snapshot(rec.name)
+            rec = rt.catalog.find_container(rec.name)
+            if rec is None:  # removed meanwhile: nothing to drain
+                continue
         policy = resolve_policy(rec.spec.drain_policy, d.policy)
         e = Entry(rec.name, rec.state, policy, ACTIONS[policy] if rec.state == states.RUNNING else "none")
         if rec.state == states.RUNNING:

@@ -7,7 +7,7 @@ import os
 import re
 
 import pytest
-from clihost import COUNTER, IMAGE, counter_numbers
+from clihost import COUNTER, IMAGE, counter_numbers, wait_until
 from cluster import Cluster, assert_counts_on, assert_no_migration_leftovers, start_counter
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -152,3 +152,24 @@ def test_drain_from_a_third_machine_with_per_container_policies(cluster, busybox
     nums = assert_counts_on(c, "host-a", "c2", before["c2"], more=3)
     assert nums[len(frozen)] == frozen[-1] + 1
     assert_no_migration_leftovers(*c.nodes.values())
+
+
+def test_a_container_under_scheduled_snapshots_is_drained_and_its_schedule_goes_on_there(cluster, busybox_archives):
+    """A snapshot every second: drain meets one under way and waits for it rather than failing;
+    on the target the shim takes them on, with the schedule the container brought."""
+    c = cluster(2)
+    a, b = c["host-a"], c["host-b"]
+    a.import_busybox(busybox_archives["docker-archive"])
+    a.ok("run", "--name", "s1", "--checkpoint-every", "1s", IMAGE, "sh", "-c", COUNTER)
+    c.record("host-a", "s1")
+    wait_until(lambda: any(s["scheduled"] for s in a.json("snapshots", "s1")), 30, "a scheduled snapshot on host-a")
+    before = counter_numbers(a.logs("s1"))
+    report = _drain_json(a, "host-a", "--to", "host-b")
+    assert _by_name(report)["s1"]["result"] == "moved", report
+    assert a.ps() == {}
+    row = b.container("s1")
+    assert row["state"] in ("running", "checkpointing") and row["schedule"] == {"every": 1.0, "keep": 3}, row
+    nums = b.wait_count("s1", len(before) + 10)
+    assert nums[:len(before)] == before and nums == list(range(1, len(nums) + 1))
+    wait_until(lambda: any(s["scheduled"] for s in b.json("snapshots", "s1")), 30, "a scheduled snapshot on host-b")
+    b.ok("rm", "-f", "s1")
