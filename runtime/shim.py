@@ -36,7 +36,8 @@ from .spec import ContainerSpec
 from .store import Catalog
 
 COMMIT = b"c"  # on a fenced shim's go pipe: the migration committed, the copy here is the one
-DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_PATH = f"PATH={STANDARD_PATH}"
 
 
 def container_env(spec: ContainerSpec) -> dict[str, str]:

@@ -248,3 +248,17 @@ def test_a_full_disk_costs_output_not_the_container(host, busybox_archives):
     finally:
         host.run("rm", "-f", "c1")
         subprocess.run(["umount", "-l", str(host.root)], check=False)
+
+
+def test_exec_runs_the_hosts_nsenter_whatever_the_containers_path(bb):
+    """nsenter is looked up on the host before anything is entered: with the container's PATH
+    that lookup would run, as root on the host, a program the container's spec points to."""
+    decoy = bb.work / "decoy"
+    decoy.mkdir()
+    marker = bb.work / "decoy-ran"
+    (decoy / "nsenter").write_text(f"#!/bin/sh\ntouch {marker}\nexit 0\n")
+    (decoy / "nsenter").chmod(0o755)
+    bb.ok("run", "--name", "c1", "-e", f"PATH={decoy}:/bin", IMAGE, "sleep", "1000")
+    assert bb.ok("exec", "c1", "echo", "inside").out == "inside\n"
+    assert not marker.exists()
+    bb.ok("rm", "-f", "c1")
