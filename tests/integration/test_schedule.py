@@ -93,7 +93,8 @@ def test_snapshots_are_taken_on_time_pruned_to_keep_and_shown(bb):
 
     # off: no more snapshots; on again with another interval
     assert "no scheduled snapshots" in bb.ok("schedule", "c1", "--off").out
-    time.sleep(1.5)  # one that was under way when it was turned off may still finish
+    time.sleep(1.2)  # a snapshot due right then may still have begun: it finishes first
+    wait_until(lambda: bb.container("c1")["state"] == "running", 30, "a snapshot under way to end")
     ids = {s["id"] for s in scheduled(bb, "c1")}
     time.sleep(3)
     assert {s["id"] for s in scheduled(bb, "c1")} == ids
