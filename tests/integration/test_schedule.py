@@ -93,11 +93,18 @@ def test_snapshots_are_taken_on_time_pruned_to_keep_and_shown(bb):
 
     # off: no more snapshots; on again with another interval
     assert "no scheduled snapshots" in bb.ok("schedule", "c1", "--off").out
-    time.sleep(1.2)  # a snapshot due right then may still have begun: it finishes first
-    wait_until(lambda: bb.container("c1")["state"] == "running", 30, "a snapshot under way to end")
-    ids = {s["id"] for s in scheduled(bb, "c1")}
-    time.sleep(3)
-    assert {s["id"] for s in scheduled(bb, "c1")} == ids
+    # one due right then may still be taken (the shim looks once a second); then none for 4 s,
+    # where a schedule still on would have taken four
+    quiet = {"ids": None, "since": 0.0}
+
+    def no_new_snapshot_for_4s():
+        ids = {s["id"] for s in scheduled(bb, "c1")}
+        if ids != quiet["ids"]:
+            quiet.update(ids=ids, since=time.monotonic())
+        return time.monotonic() - quiet["since"] >= 4
+
+    wait_until(no_new_snapshot_for_4s, 15, "the snapshots to stop", interval=0.2)
+    ids = quiet["ids"]
     assert bb.container("c1")["schedule"] is None
     bb.ok("schedule", "c1", "--every", "1s", "--keep", "1")
     wait_until(lambda: {s["id"] for s in scheduled(bb, "c1")} - ids, 30, "a snapshot after --every again")
