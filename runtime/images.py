@@ -5,10 +5,15 @@ an import that fails for any reason removes the layers it added, so the store ne
 image.
 """
 
+import bz2
+import errno
 import gzip
 import hashlib
 import json
+import lzma
+import os
 import re
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from runtime.errors import ImageError, InvalidInput, NotFound
-from runtime.layers import LayerStore
+from runtime.layers import ImportBudget, LayerStore, tar_members
 
 PLATFORM = {"os": "linux", "architecture": "amd64"}
 CONFIG_MEDIA_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
@@ -32,7 +37,14 @@ _TAG = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 # (config) and <hex>.tar (skopeo). Old docker's <id>/layer.tar is not: <id> is a v1 layer id.
 _CONTENT_PATH = re.compile(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json|\.tar)?")
 # What reading a corrupt or truncated outer archive raises.
-_CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+# Compressions an outer archive may have, by magic bytes (what tarfile's "r:*" read before).
+_OUTER_CODECS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}
+# An image archive holds a few files per layer; its index is kept in memory, so it is small.
+MAX_OUTER_MEMBERS = 10_000
+MAX_OUTER_NAME = 4096
+_CHUNK = 1 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -67,9 +79,10 @@ def import_image(path: Path, store: LayerStore, name: str | None = None) -> Impo
     path = Path(path)
     wanted = _full_name(name) if name is not None else None
     try:
-        with _open_source(path) as src:
+        budget = store.import_budget()
+        with _open_source(path, store, budget) as src:
             plan = _docker_plan(src, wanted) if src.exists("manifest.json") else _oci_plan(src, wanted)
-            return _import_layers(src, store, plan)
+            return _import_layers(src, store, plan, budget)
     except _CORRUPT as e:
         raise ImageError(f"{path}: corrupt or truncated archive ({e})") from None
 
@@ -102,7 +115,7 @@ def _archive_name(s: str) -> str:
         raise InvalidInput(f"the archive names the image {s!r}, which is not a valid name here; pass --name") from None
 
 
-def _import_layers(src: "_Source", store: LayerStore, plan: _Plan) -> ImportedImage:
+def _import_layers(src: "_Source", store: LayerStore, plan: _Plan, budget: ImportBudget) -> ImportedImage:
     rootfs = plan.config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(plan.layers):
@@ -115,7 +128,7 @@ def _import_layers(src: "_Source", store: LayerStore, plan: _Plan) -> ImportedIm
         for blob, diff_id in zip(plan.layers, diff_ids, strict=True):
             digest = blob.digest or _hash(src, blob.where)
             with src.open(blob.where) as f:
-                if store.add_from_stream(digest, f, blob.media_type, size=blob.size, diff_id=diff_id):
+                if store.add_from_stream(digest, f, blob.media_type, size=blob.size, diff_id=diff_id, budget=budget):
                     added.append(digest)
             digests.append(digest)
     except BaseException:
@@ -320,52 +333,149 @@ class _Source:
 
 
 class _TarSource(_Source):
-    """An outer archive (plain or compressed) read with random access. Its symlinks and hard links
-    resolve only to other members of the archive, never to the host."""
+    """An outer archive, uncompressed, indexed in one bounded pass (tar_members: header size and
+    member count) and then read by offset. Its symlinks and hard links resolve only to other
+    members of the archive, never to the host."""
 
-    def __init__(self, tar: tarfile.TarFile):
-        self._tar = tar
-        self._members = {_key(m.name): m for m in tar.getmembers()}
+    def __init__(self, f: BinaryIO, label: str):
+        self._fd = f.fileno()
+        self._size = os.fstat(self._fd).st_size
+        self._members: dict[str, tarfile.TarInfo] = {}
+        try:
+            for count, (_, m) in enumerate(tar_members(f, label), 1):
+                if count > MAX_OUTER_MEMBERS or len(m.name) > MAX_OUTER_NAME or len(m.linkname) > MAX_OUTER_NAME:
+                    raise ImageError(f"{label}: more than {MAX_OUTER_MEMBERS} members or a name of more than "
+                                     f"{MAX_OUTER_NAME} characters: not an image archive")
+                self._members[_key(m.name)] = m
+        except tarfile.ReadError as e:
+            if not self._members:
+                raise ImageError(f"{label}: not a tar archive (plain or compressed)") from None
+            raise ImageError(f"{label}: corrupt or truncated archive ({e})") from None
 
     def exists(self, where: str) -> bool:
         return _key(where) in self._members
 
     def open(self, where: str) -> BinaryIO:
-        member = self._members.get(_key(where))
-        try:
-            f = self._tar.extractfile(member) if member is not None else None
-        except KeyError:  # a link to a member that is not there
-            f = None
-        if f is None:
+        m = self._resolve(where)
+        if m is None or not m.isreg() or m.issparse():
             raise ImageError(f"the archive has no file {where!r}")
-        return f
+        if m.offset_data + m.size > self._size:
+            raise ImageError(f"the archive is truncated: {where!r} is cut short")
+        return _Slice(self._fd, m.offset_data, m.size)
+
+    def _resolve(self, where: str) -> tarfile.TarInfo | None:
+        """The member at `where`, through at most 40 links (as tarfile resolves them)."""
+        m = self._members.get(_key(where))
+        for _ in range(40):
+            if m is None or not (m.issym() or m.islnk()):
+                return m
+            target = m.linkname if m.islnk() else f"{os.path.dirname(m.name)}/{m.linkname}"
+            m = self._members.get(_key(os.path.normpath(target)))
+        return None
+
+
+class _Slice:
+    """One member's bytes of the archive, read with pread: independent of any other reader."""
+
+    def __init__(self, fd: int, start: int, size: int):
+        self._fd, self._pos, self._end = fd, start, start + size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._end - self._pos if n < 0 else min(n, self._end - self._pos)
+        data = os.pread(self._fd, n, self._pos)
+        if len(data) < n:
+            raise EOFError("the archive ends inside a member")
+        self._pos += n
+        return data
+
+    def __enter__(self) -> "_Slice":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 class _DirSource(_Source):
+    """An OCI layout directory, whose files are opened through directory fds without following
+    any symlink and only if regular: a blob that is a symlink (to /dev/zero, to /etc/shadow), a
+    FIFO or a device is refused instead of hanging or being read."""
+
     def __init__(self, root: Path):
         self._root = root
 
     def exists(self, where: str) -> bool:
-        return (self._root / _key(where)).is_file()
+        return os.path.lexists(self._root / _key(where))
 
     def open(self, where: str) -> BinaryIO:
-        key = _key(where)
-        if ".." in key.split("/"):
-            raise ImageError(f"the layout has no file {where!r}")
+        parts = _key(where).split("/")
+        what = f"the layout's file {where!r}"
+        if ".." in parts:
+            raise ImageError(f"{what} is outside the layout")
+        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return open(self._root / key, "rb")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ImageError(f"the layout has no file {where!r}") from None
+            for part in parts[:-1]:
+                nfd = _open_nofollow(part, what, os.O_DIRECTORY, fd)
+                os.close(fd)
+                fd = nfd
+            return _open_regular(parts[-1], what, fd)
+        finally:
+            os.close(fd)
+
+
+def _open_nofollow(name, what: str, flags: int = 0, dir_fd: int | None = None) -> int:
+    """An fd of `name`, opened without following a symlink, and with O_NONBLOCK, so that a FIFO
+    does not block the open."""
+    try:
+        return os.open(name, _OPEN_FLAGS | flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise ImageError(f"{what} does not exist") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ImageError(f"{what} is a symlink or lies under a symlink or file, which is not followed") from None
+        raise ImageError(f"{what}: cannot open it ({e.strerror})") from None
+
+
+def _open_regular(name, what: str, dir_fd: int | None = None) -> BinaryIO:
+    """`name` opened for reading if it is a regular file, checked by fstat before the first read
+    (a FIFO would block it, /dev/zero never end it)."""
+    fd = _open_nofollow(name, what, 0, dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{what} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 @contextmanager
-def _open_source(path: Path) -> Iterator[_Source]:
+def _open_source(path: Path, store: LayerStore, budget: ImportBudget) -> Iterator[_Source]:
     if path.is_dir():
         yield _DirSource(path)
         return
     if not path.exists():
         raise NotFound(f"{path}: no such file or directory")
-    if not tarfile.is_tarfile(path):
-        raise ImageError(f"{path}: not a tar archive (plain or compressed)")
-    with tarfile.open(path, "r:*") as tar:
-        yield _TarSource(tar)
+    with _open_regular(path.resolve(), str(path)) as f, _uncompressed(f, store, budget) as plain:
+        yield _TarSource(plain, str(path))
+
+
+@contextmanager
+def _uncompressed(f: BinaryIO, store: LayerStore, budget: ImportBudget) -> Iterator[BinaryIO]:
+    """The archive itself if plain; else decompressed once, as the budget allows, into an unnamed
+    file in the store: a compressed stream read by offset is decompressed again from its start
+    for every backward seek."""
+    codec = next((c for magic, c in _OUTER_CODECS.items() if os.pread(f.fileno(), 6, 0).startswith(magic)), None)
+    if codec is None:
+        yield f
+        return
+    with store.scratch_file() as out:
+        try:
+            with codec(f) as z:
+                while chunk := z.read(_CHUNK):
+                    budget.charge("the decompressed archive", len(chunk))
+                    out.write(chunk)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # the disk, not the archive
+            raise ImageError(f"corrupt compressed archive ({e})") from None
+        out.flush()
+        out.seek(0)
+        yield out

@@ -50,6 +50,14 @@ WHITEOUT_PREFIX = ".wh."
 # long-name header whole into memory, and every member costs an inode.
 MAX_HEADER_BYTES = 1 << 20
 MAX_MEMBERS = 1_000_000
+# Bounds on what one import may write (REVIEW S3), over its outer archive and all its layers: the
+# caps stop an archive that claims absurd sizes (a sparse member counts at the size it expands to,
+# since it is written out densely), and the reserve keeps an import from filling the filesystem
+# the running containers write to.
+MAX_MEMBER_BYTES = 32 << 30
+MAX_IMPORT_BYTES = 128 << 30
+FREE_BYTES_RESERVE = 1 << 30
+FREE_INODES_RESERVE = 10_000
 # xattrs an overlay-native tree (an upper dir, a stored layer) may carry; others are dropped
 NATIVE_XATTRS = ("trusted.overlay.", "user.", "security.capability", "system.posix_acl_access",
                  "system.posix_acl_default")
@@ -80,6 +88,44 @@ class OverlayWhiteouts:
             os.setxattr(dir_fd, "trusted.overlay.opaque", b"y")
         except PermissionError:
             raise MigrateError(f"opaque marker {member!r}: setting trusted.* xattrs needs root") from None
+
+
+def free_space(path: Path) -> tuple[int, int | None]:
+    """Bytes and inodes left on path's filesystem for unprivileged users (root's reserved blocks
+    stay for the system); None for inodes where the filesystem has no fixed number (btrfs)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None)
+
+
+class ImportBudget:
+    """What one import may still write: its caps, and the store's free space less a reserve, read
+    once at the start, so that an archive too big is refused before the disk is full."""
+
+    def __init__(self, store: Path):
+        self._store = store
+        self._free_bytes, self._free_inodes = free_space(store)
+        self._bytes = self._inodes = 0
+
+    def charge(self, what: str, nbytes: int, inodes: int = 0) -> None:
+        self._bytes += nbytes
+        self._inodes += inodes
+        if self._bytes > MAX_IMPORT_BYTES:
+            raise ImageError(f"{what}: the image expands to more than {MAX_IMPORT_BYTES} bytes, the limit of one import")
+        if self._bytes > self._free_bytes - FREE_BYTES_RESERVE or (
+            self._free_inodes is not None and self._inodes > self._free_inodes - FREE_INODES_RESERVE
+        ):
+            raise ImageError(
+                f"{what}: not enough free space in {self._store} (an import leaves {FREE_BYTES_RESERVE} bytes "
+                f"and {FREE_INODES_RESERVE} inodes free)"
+            )
+
+    def charge_member(self, what: str, m: tarfile.TarInfo) -> None:
+        """One tar member: its size (expanded, if sparse) against the cap per file, then its bytes
+        and inode against the budget."""
+        if m.size > MAX_MEMBER_BYTES:
+            sparse = " (sparse)" if m.issparse() else ""
+            raise ImageError(f"{what} is {m.size} bytes{sparse}, more than the {MAX_MEMBER_BYTES} a file may have")
+        self.charge(what, m.size if m.isreg() else 0, inodes=1)
 
 
 class LayerStore:
@@ -130,6 +176,7 @@ class LayerStore:
         *,
         size: int | None = None,
         diff_id: str | None = None,
+        budget: ImportBudget | None = None,
     ) -> bool:
         """Verify the blob read from `fileobj` against `digest` (and `size`, `diff_id` when given)
         and store it extracted. Returns False when the layer was already there (the stream is
@@ -137,6 +184,7 @@ class LayerStore:
 
         The compression (gzip, zstd or none) is taken from the magic bytes, not the media type,
         which only has to be a known layer type (None for docker-archive layers, which have none).
+        `budget` is the import's, shared by its layers; without one, the layer gets its own.
         """
         hex_ = parse_digest(digest)
         if diff_id is not None:
@@ -154,7 +202,8 @@ class LayerStore:
         try:
             blob = Digesting(fileobj)
             tar_stream = Digesting(_decompressor(blob, digest))
-            _Extractor(tmp, f"layer {digest}", self._whiteouts).run(tar_stream)
+            budget = budget or self.import_budget()
+            _Extractor(tmp, f"layer {digest}", self._whiteouts, budget=budget).run(tar_stream)
             drain(tar_stream)
             drain(blob)
             diff_id_found = "sha256:" + tar_stream.hexdigest()
@@ -176,6 +225,17 @@ class LayerStore:
                 raise ImageError(f"layer {digest}: corrupt or truncated data ({e})") from None
             raise
         return True
+
+    def import_budget(self) -> ImportBudget:
+        """A fresh budget for one import into this store (which it creates if need be)."""
+        self._tmp().mkdir(parents=True, exist_ok=True)
+        return ImportBudget(self.path)
+
+    def scratch_file(self) -> BinaryIO:
+        """An unnamed file on the store's filesystem: it vanishes when closed or when the process
+        dies, so no interrupted import leaves it behind."""
+        self._tmp().mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(dir=self._tmp())
 
     def files_of(self, digest: str) -> tuple[Path, Path]:
         """The extracted tree and its sidecar: what another host needs to hold the layer."""
@@ -354,8 +414,12 @@ class _Extractor:
     directories and other overlay marks are the xattrs NATIVE_XATTRS allows.
     """
 
-    def __init__(self, root: Path, label: str, whiteouts: OverlayWhiteouts, native: bool = False):
+    def __init__(
+        self, root: Path, label: str, whiteouts: OverlayWhiteouts, native: bool = False,
+        budget: ImportBudget | None = None,
+    ):
         self._root = root
+        self._budget = budget
         self._label = label
         self._whiteouts = whiteouts
         self._native = native
@@ -395,6 +459,8 @@ class _Extractor:
 
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         parts = _member_parts(m.name, self._what(m))
+        if self._budget is not None:
+            self._budget.charge_member(self._what(m), m)
         if not parts:  # the "./" entry: the layer root itself
             if m.isdir():
                 self._dir_attrs[()] = m

@@ -1,7 +1,10 @@
 """Bad input through the real CLI: one line on stderr, the documented exit code, nothing changed."""
 
+import gzip
+import io
 import os
 import shutil
+import tarfile
 
 import pytest
 from clihost import COUNTER, IMAGE, proc_gone, proc_identity
@@ -122,6 +125,20 @@ def test_a_corrupt_image_is_refused(shared, busybox_archives, kind):
     shared.fails(5, "image", "import", path)
     assert_unchanged(shared, before)
     assert [i["name"] for i in shared.json("image", "ls")] == [IMAGE]
+
+
+def test_a_tar_bomb_is_refused_within_its_bounds(shared):
+    """A few hundred KiB of gzip holding a 64 MiB GNU long-name header: refused by the 1 MiB
+    header bound, not read into memory; nothing is left in the store."""
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w", format=tarfile.GNU_FORMAT) as t:
+        t.addfile(tarfile.TarInfo("a" * (64 << 20)))
+    path = shared.work / "bomb.tar.gz"
+    path.write_bytes(gzip.compress(bomb.getvalue(), compresslevel=1))
+    before = shared.snapshot_of_state()
+    r = shared.fails(5, "image", "import", path)
+    assert "a tar header is larger than" in r.err, str(r)
+    assert_unchanged(shared, before)
 
 
 def test_a_missing_criu_fails_the_checkpoint_and_the_container_keeps_running(c1):
