@@ -56,6 +56,8 @@ MAX_MEMBERS = 1_000_000
 # the running containers write to.
 MAX_MEMBER_BYTES = 32 << 30
 MAX_IMPORT_BYTES = 128 << 30
+# What an import leaves free for the containers' logs and snapshots: 5% of the filesystem (1%
+# of its inodes), at most these, so that a small disk is not refused outright
 FREE_BYTES_RESERVE = 1 << 30
 FREE_INODES_RESERVE = 10_000
 # xattrs an overlay-native tree (an upper dir, a stored layer) may carry; others are dropped
@@ -91,10 +93,13 @@ class OverlayWhiteouts:
 
 
 def free_space(path: Path) -> tuple[int, int | None]:
-    """Bytes and inodes left on path's filesystem for unprivileged users (root's reserved blocks
-    stay for the system); None for inodes where the filesystem has no fixed number (btrfs)."""
+    """Bytes and inodes an import may use on path's filesystem: what is left for unprivileged
+    users (root's reserved blocks stay for the system) less the reserve; None for inodes where
+    the filesystem has no fixed number (btrfs)."""
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None)
+    reserve = min(FREE_BYTES_RESERVE, st.f_blocks * st.f_frsize // 20)
+    inodes = max(0, st.f_favail - min(FREE_INODES_RESERVE, st.f_files // 100)) if st.f_files else None
+    return max(0, st.f_bavail * st.f_frsize - reserve), inodes
 
 
 class ImportBudget:
@@ -111,13 +116,9 @@ class ImportBudget:
         self._inodes += inodes
         if self._bytes > MAX_IMPORT_BYTES:
             raise ImageError(f"{what}: the image expands to more than {MAX_IMPORT_BYTES} bytes, the limit of one import")
-        if self._bytes > self._free_bytes - FREE_BYTES_RESERVE or (
-            self._free_inodes is not None and self._inodes > self._free_inodes - FREE_INODES_RESERVE
-        ):
-            raise ImageError(
-                f"{what}: not enough free space in {self._store} (an import leaves {FREE_BYTES_RESERVE} bytes "
-                f"and {FREE_INODES_RESERVE} inodes free)"
-            )
+        if self._bytes > self._free_bytes or (self._free_inodes is not None and self._inodes > self._free_inodes):
+            raise ImageError(f"{what}: not enough free space in {self._store} (an import leaves 5% of the disk, "
+                             "at most 1 GiB, and 1% of its inodes, at most 10,000, free)")
 
     def charge_member(self, what: str, m: tarfile.TarInfo) -> None:
         """One tar member: its size (expanded, if sparse) against the cap per file, then its bytes

@@ -157,8 +157,7 @@ def test_a_member_or_the_total_beyond_the_caps(tmp_path, store, monkeypatch, cap
     refused(layout, store, message)
 
 
-@pytest.mark.parametrize("free", [(layers.FREE_BYTES_RESERVE + 1500, None),
-                                  (1 << 40, layers.FREE_INODES_RESERVE + 2)])
+@pytest.mark.parametrize("free", [(1500, None), (1 << 40, 2)])  # what an import may use, the reserve left
 def test_not_enough_free_space(tmp_path, store, monkeypatch, free):
     monkeypatch.setattr(layers, "free_space", lambda path: free)
     layout, _ = layout_with_layer(tmp_path, layer_tar(files(1000, 1000, 0)))
@@ -168,7 +167,7 @@ def test_not_enough_free_space(tmp_path, store, monkeypatch, free):
 def test_a_compressed_outer_archive_counts_against_free_space(tmp_path, store, monkeypatch):
     build_image(tmp_path / "image.tar", BASE, fmt="oci-archive")
     (tmp_path / "image.tar.gz").write_bytes(gzip.compress((tmp_path / "image.tar").read_bytes()))
-    monkeypatch.setattr(layers, "free_space", lambda path: (layers.FREE_BYTES_RESERVE + 1000, None))
+    monkeypatch.setattr(layers, "free_space", lambda path: (1000, None))
     refused(tmp_path / "image.tar.gz", store, "the decompressed archive: not enough free space")
 
 
@@ -188,3 +187,18 @@ def test_a_compressed_outer_archive_is_decompressed_once(tmp_path, store, monkey
     assert len(import_image(tmp_path / "image.tar.gz", store).layers) == 3
     assert sum(decompressed) == archive.stat().st_size
     assert not any((store.path / "tmp").iterdir())
+
+
+def test_the_reserve_is_a_share_of_a_small_disk_and_at_most_its_cap(tmp_path, monkeypatch):
+    class Vfs:
+        f_frsize, f_files = 4096, 1_000_000
+
+        def __init__(self, blocks: int, avail: int, favail: int):
+            self.f_blocks, self.f_bavail, self.f_favail = blocks, avail, favail
+
+    small = Vfs(blocks=6144, avail=3000, favail=900_000)  # 24 MiB: 5% is about 1.2 MiB
+    monkeypatch.setattr(os, "statvfs", lambda path: small)
+    assert layers.free_space(tmp_path) == (3000 * 4096 - 6144 * 4096 // 20, 900_000 - 10_000)
+    big = Vfs(blocks=100 << 20, avail=50 << 20, favail=5)  # 400 GiB: 1 GiB kept; inodes nearly gone
+    monkeypatch.setattr(os, "statvfs", lambda path: big)
+    assert layers.free_space(tmp_path) == ((50 << 20) * 4096 - (1 << 30), 0)
