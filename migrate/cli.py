@@ -9,10 +9,11 @@ import time
 import traceback
 from pathlib import Path
 
-from runtime import criulogs, linux, states
+from runtime import criulogs
 from runtime.container import RunRequest, Runtime
 from runtime.errors import InDoubt, InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
+from runtime.reconcile import unsupervised
 from runtime.snapshots import Snapshots
 from runtime.spec import DRAIN_POLICIES, Schedule, parse_duration, parse_size, validate_name
 
@@ -295,7 +296,7 @@ def _state_text(row: dict) -> str:
 def _shown_state(rec) -> str:
     """The record's state, but `unsupervised` for a running one whose shim died: its processes
     run, nothing logs their output or will record their exit (`stop` ends them)."""
-    if rec.state == states.RUNNING and not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
+    if unsupervised(rec):
         return "unsupervised"
     return rec.state
 

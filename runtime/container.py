@@ -20,7 +20,7 @@ from .cgroups import Cgroups
 from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, error_for
 from .layers import LayerStore
 from .paths import StateRoot
-from .reconcile import reconcile, sweep_snapshots, sweep_transfers
+from .reconcile import owner_alive, reconcile, sweep_snapshots, sweep_transfers, unsupervised
 from .shim import COMMIT, STANDARD_PATH, container_env
 from .spec import DRAIN_POLICIES, ContainerSpec, Limits, Schedule, Volume, validate_name
 from .store import Catalog, ContainerRecord
@@ -170,7 +170,7 @@ class Runtime:
     def stop(self, name: str, timeout: float = 10.0) -> ContainerRecord:
         rec = self.catalog.container(name)
         states.check("stop", rec.state, name)
-        if not (rec.shim_pid and linux.pid_running(rec.shim_pid)):
+        if unsupervised(rec):
             # unsupervised (its shim died): nobody would record an exit, so it is ended here
             # (killed by PID) and recorded as what it is now: lost
             self.release(name)
@@ -210,8 +210,7 @@ class Runtime:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rec = self.catalog.find_container(name)
-            if rec is None or rec.state != states.CHECKPOINTING or not rec.owner or \
-                    linux.proc_gone((rec.owner["pid"], rec.owner["start"])):
+            if rec is None or rec.state != states.CHECKPOINTING or not owner_alive(rec.owner):
                 return
             time.sleep(0.05)
 

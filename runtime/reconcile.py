@@ -98,16 +98,21 @@ def release_tracers(rec: ContainerRecord, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _alive(owner: dict | None) -> bool:
+def owner_alive(owner: dict | None) -> bool:
     """Whether the process an owner record ({"pid", "start"}) names still runs."""
     return bool(owner) and not linux.proc_gone((owner.get("pid"), owner.get("start")))
 
 
+def unsupervised(rec: ContainerRecord) -> bool:
+    """A running record whose shim died: its processes run, nothing logs their output or will
+    record their exit (`ps` shows it so, `stop` ends them by PID, `restore` refuses it)."""
+    return rec.state == states.RUNNING and not (rec.shim_pid and linux.pid_running(rec.shim_pid))
+
+
 def facts_of(rec: ContainerRecord, catalog: Catalog, root: StateRoot) -> Facts:
-    owner_alive = _alive(rec.owner)
     tree = [p for p in Cgroups(rec.cgroups).pids() if linux.pid_running(p)]
     return Facts(
-        owner_alive=owner_alive,
+        owner_alive=owner_alive(rec.owner),
         shim_alive=bool(rec.shim_pid) and linux.pid_running(rec.shim_pid),
         tree_alive=bool(tree),
         traced=any(_tracer(p) for p in tree),
@@ -178,11 +183,11 @@ def sweep_snapshots(root: StateRoot, catalog: Catalog) -> list[str]:
         except (OSError, ValueError):
             owner = None  # its owner file is written before anything else: it never began
         if folder.name.startswith(PARTIAL_PREFIX):
-            if not _alive(owner):
+            if not owner_alive(owner):
                 shutil.rmtree(folder, ignore_errors=True)
                 notes.append(f"removed the unfinished snapshot {folder.name[len(PARTIAL_PREFIX):]} "
                              "of a checkpoint that died")
-        elif folder.name not in known and (folder / SNAPSHOT_META).exists() and not _alive(owner):
+        elif folder.name not in known and (folder / SNAPSHOT_META).exists() and not owner_alive(owner):
             # (one whose checkpoint still runs is recorded by it, with what CRIU adds at its end)
             try:
                 snap = adopt_snapshot(catalog, folder)
@@ -203,7 +208,7 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
             owner = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        if _alive(owner):
+        if owner_alive(owner):
             continue
         incoming = marker.with_suffix("")
         staging = Path(str(owner.get("staging", "")))
@@ -214,7 +219,7 @@ def sweep_transfers(root: StateRoot, catalog: Catalog) -> list[str]:
         removed.append(f"incoming/{incoming.name}")
     for folder in sorted(root.outgoing.iterdir()) if root.outgoing.is_dir() else []:
         rec = catalog.find_container(folder.name)
-        held = rec is not None and (rec.state == states.IN_DOUBT or rec.state == states.MIGRATING and _alive(rec.owner))
+        held = rec is not None and (rec.state == states.IN_DOUBT or rec.state == states.MIGRATING and owner_alive(rec.owner))
         if not held:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"outgoing/{folder.name}")

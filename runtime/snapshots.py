@@ -22,7 +22,7 @@ from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
 from .errors import Conflict, CriuError, MigrateError, NotFound
 from .paths import CHECKPOINT_META, DUMP_SYNCED, SNAPSHOT_META
-from .reconcile import OWNER_FILE, adopt_snapshot, write_owner
+from .reconcile import OWNER_FILE, adopt_snapshot, unsupervised, write_owner
 from .spec import ContainerSpec, validate_name
 from .store import ContainerRecord, SnapshotRecord, own_identity
 
@@ -258,8 +258,7 @@ class Snapshots:
         snap = self._find(name, ref)
         target = validate_name(new_name or name)
         existing = self.catalog.find_container(target)
-        if existing is not None and existing.state == states.RUNNING and not (
-                existing.shim_pid and linux.pid_running(existing.shim_pid)):
+        if existing is not None and unsupervised(existing):
             raise Conflict(f"cannot restore {target}: it is unsupervised (its shim died, its processes run); "
                            f"`migrate stop {target}` first")
         cdir = self.root.container_dir(name)
