@@ -25,32 +25,29 @@ def wait_snapshots(host, name: str, count: int, timeout: float = 60) -> list[dic
                       f"{count} scheduled snapshot(s) of {name}", interval=0.2)
 
 
-def kill_everything(host, name: str) -> int:
+def kill_everything(host, name: str) -> list[int]:
     """A crash of the host, as far as the container goes: its shim and every process of it
-    gone at once, nothing recorded. Returns the last number it had written."""
+    gone at once, nothing recorded. Returns the numbers it had written."""
     rec = host.record(name)
     shim = proc_identity(rec["shim_pid"])
     os.kill(rec["shim_pid"], signal.SIGKILL)  # the shim first: nothing may record an exit
     wait_until(lambda: proc_gone(shim), 10, "the shim to die")
     Cgroups(rec["cgroups"]).kill()
     wait_until(lambda: not Cgroups(rec["cgroups"]).pids(), 10, f"the processes of {name} to die")
-    return counter_numbers(host.logs(name))[-1]
+    return counter_numbers(host.logs(name))
 
 
-def resumed_from_snapshot(host, name: str, last_before: int) -> tuple[int, int]:
-    """The counter runs again from a snapshot, not from 1: the log holds the numbers up to the
-    crash, then the snapshot's next number onwards. Returns (its first number, counts lost)."""
-    def restarted():
-        nums = counter_numbers(host.logs(name))
-        drop = next((i for i in range(1, len(nums)) if nums[i] <= nums[i - 1]), None)
-        return drop is not None and len(nums) - drop >= 5 and (nums, drop)
-
-    nums, drop = wait_until(restarted, 30, f"{name} to count again", interval=0.2)
-    before, after = nums[:drop], nums[drop:]
+def resumed_from_snapshot(host, name: str, before: list[int]) -> tuple[int, int]:
+    """The counter runs again from a snapshot, not from 1: the log holds BEFORE, the numbers up
+    to the crash, then the snapshot's next number onwards (the one after BEFORE's last when the
+    snapshot came after the last count: nothing lost). Returns (its first number, counts lost)."""
     assert_consecutive(before)
-    assert before[-1] == last_before
-    assert after[0] > 1 and after == list(range(after[0], after[0] + len(after))), after[:20]
-    return after[0], last_before - (after[0] - 1)
+    after = wait_until(lambda: len(a := counter_numbers(host.logs(name))[len(before):]) >= 5 and a, 30,
+                       f"{name} to count again", interval=0.2)
+    assert counter_numbers(host.logs(name))[:len(before)] == before
+    assert 1 < after[0] <= before[-1] + 1, (before[-1], after[:20])
+    assert after == list(range(after[0], after[0] + len(after))), after[:20]
+    return after[0], before[-1] + 1 - after[0]
 
 
 def test_snapshots_are_taken_on_time_pruned_to_keep_and_shown(bb):
@@ -128,7 +125,7 @@ def test_a_crashed_job_is_lost_and_restore_resumes_it_from_the_newest_snapshot(b
     every = 2.0
     bb.ok("run", "--name", "job", "--checkpoint-every", "2s", IMAGE, "sh", "-c", COUNTER)
     wait_snapshots(bb, "job", 2)
-    last = kill_everything(bb, "job")
+    before = kill_everything(bb, "job")
     row = bb.container("job")
     assert row["state"] == "lost" and row["last_snapshot"], row
     assert "lost" in bb.ok("ps").out
@@ -136,9 +133,9 @@ def test_a_crashed_job_is_lost_and_restore_resumes_it_from_the_newest_snapshot(b
     assert row["last_snapshot"]["id"] == newest["id"]
 
     bb.ok("restore", "job")
-    first, lost = resumed_from_snapshot(bb, "job", last)
+    first, lost = resumed_from_snapshot(bb, "job", before)
     # at most one interval of work (10 counts a second), and a little for the snapshot itself
-    assert 0 <= lost <= every * 10 + 10, (first, last)
+    assert 0 <= lost <= every * 10 + 10, (first, before[-1])
     row = bb.container("job")
     assert row["state"] == "running" and row["schedule"]["every"] == every
     # its schedule goes on after the restore
@@ -155,7 +152,7 @@ def test_restore_all_brings_back_every_lost_container_that_has_a_snapshot(bb):
     for name in ("a1", "a2", "quiet"):
         wait_snapshots(bb, name, 1)
     bb.wait_count("nosnap", 3)
-    lasts = {name: kill_everything(bb, name) for name in ("a1", "a2")}
+    logged = {name: kill_everything(bb, name) for name in ("a1", "a2")}
     kill_everything(bb, "nosnap")
     # the shim alone dies: its process runs on, unsupervised, never `running`; restore refuses
     rec = bb.record("quiet")
@@ -171,8 +168,8 @@ def test_restore_all_brings_back_every_lost_container_that_has_a_snapshot(bb):
     assert sorted(line.split()[0] for line in r.out.splitlines()) == ["a1", "a2", "quiet"], str(r)
     states = {n: c["state"] for n, c in bb.ps().items()}
     assert states == {"a1": "running", "a2": "running", "quiet": "running", "nosnap": "lost"}
-    for name, last in lasts.items():
-        resumed_from_snapshot(bb, name, last)
+    for name, before in logged.items():
+        resumed_from_snapshot(bb, name, before)
     assert "no lost container with a snapshot" in bb.ok("restore", "--all").out
     for name in ("a1", "a2", "quiet", "nosnap"):
         bb.ok("rm", "-f", name)
@@ -211,9 +208,9 @@ def test_a_snapshot_whose_criu_is_killed_half_way_leaves_the_previous_ones_whole
     # dump) is stopped and brought back from it
     if bb.container("c1")["state"] in ("running", "unsupervised"):
         bb.ok("stop", "c1")
-    last = counter_numbers(bb.logs("c1"))[-1]
+    before = counter_numbers(bb.logs("c1"))
     bb.ok("restore", "c1")
-    resumed_from_snapshot(bb, "c1", last)
+    resumed_from_snapshot(bb, "c1", before)
     bb.ok("rm", "-f", "c1")
 
 
