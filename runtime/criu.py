@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import select
+import signal
 import shutil
 import socket
 import struct
@@ -189,7 +190,7 @@ class _Session:
         while True:
             data = self._recv()
             if not data:
-                raise _CriuGone(f"CRIU ({self.binary}) exited without answering")
+                raise _CriuGone(f"CRIU ({self.binary}) {self._how_it_ended()} without answering")
             resp = rpc.criu_resp()
             resp.ParseFromString(data)
             if resp.type != rpc.NOTIFY:
@@ -207,7 +208,18 @@ class _Session:
         try:
             self.sock.send(req.SerializeToString())
         except (BrokenPipeError, ConnectionResetError):  # criu died (or was never criu: MIGRATE_CRIU)
-            raise _CriuGone(f"CRIU ({self.binary}) exited without answering") from None
+            raise _CriuGone(f"CRIU ({self.binary}) {self._how_it_ended()} without answering") from None
+
+    def _how_it_ended(self, timeout: float = 5.0) -> str:
+        """'was killed by SIGKILL' or 'exited with code N': a kill (the OOM killer of the
+        container's memory cgroup, which CRIU restores from inside) reads differently from a crash."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "closed its socket"
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
 
     def _recv(self) -> bytes:
         try:

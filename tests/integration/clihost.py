@@ -115,6 +115,17 @@ class MigrateHost:
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         return Result(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
 
+    def failure_logs(self, label: str = "") -> str:
+        """On failure, what the shims said and the ends of the CRIU logs kept from failed
+        dumps and restores: they rarely reach the CLI's one-line error."""
+        parts = []
+        for pattern, keep in (("containers/*/shim.log", 3000), ("criu-logs/*.log", 4000)):
+            for log in sorted(self.root.glob(pattern)):
+                text = log.read_text(errors="replace").strip()
+                if text:
+                    parts.append(f"--- {label}{log}\n{text[-keep:]}")
+        return "\n".join(parts)
+
     def ok(self, *args: str, **kw) -> Result:
         r = self.run(*args, **kw)
         assert r.rc == 0, str(r)

@@ -125,10 +125,7 @@ def kill_in_cgroups(paths: set[str]) -> list[str]:
 
 def print_logs(c: Cluster) -> None:
     for name, node in c.nodes.items():
-        for log in sorted(node.state.containers.glob("*/shim.log")) if node.state.containers.is_dir() else []:
-            text = log.read_text(errors="replace").strip()
-            if text:
-                print(f"--- {name}: {log}\n{text[-3000:]}")
+        print(node.failure_logs(f"{name}: "))
 
 
 def start_counter(c: Cluster, host: str = "host-a", name: str = "c1", at_least: int = 5) -> list[int]:

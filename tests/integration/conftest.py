@@ -41,7 +41,7 @@ def _host(work: Path, failed: Callable[[], bool]):
         yield h
     finally:
         if failed():
-            _print_shim_logs(h)
+            print(h.failure_logs())
         leaks = h.teardown()
         if leaks:
             pytest.fail("the runtime left things behind (cleaned up now):\n  " + "\n  ".join(leaks))
@@ -76,16 +76,6 @@ def module_host(request, tmp_path_factory):
 
     with _host(tmp_path_factory.mktemp("work") / "work", lambda: request.session.testsfailed > failures) as h:
         yield h
-
-
-def _print_shim_logs(h: MigrateHost) -> None:
-    """On failure, show what the shims said: it rarely reaches the CLI's one-line error."""
-    if not h.state.containers.is_dir():
-        return
-    for log in sorted(h.state.containers.glob("*/shim.log")):
-        text = log.read_text(errors="replace").strip()
-        if text:
-            print(f"--- {log}\n{text[-3000:]}")
 
 
 @pytest.fixture(scope="session")
