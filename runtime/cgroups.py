@@ -151,9 +151,10 @@ class Cgroups:
                 raise MigrateError(f"systemd did not remove the empty unit {scope.name} within {timeout:.0f} s")
             time.sleep(0.05)
 
-    def create(self, limits: Limits) -> None:
-        """Make the folders and apply the limits. Run by the shim, which first moves itself to
-        the `shim` leaf: out of its caller's cgroup, and out of the way of the controllers."""
+    def create(self) -> None:
+        """Make the folders and turn the controllers on, limits not yet (set_limits). Run by
+        the shim, which first moves itself to the `shim` leaf: out of its caller's cgroup, and
+        out of the way of the controllers."""
         for path in self.paths.values():
             shim_leaf = Path(path).parent / SHIM_LEAF
             shim_leaf.mkdir(parents=True, exist_ok=True)
@@ -164,17 +165,6 @@ class Cgroups:
             scope = self.scope
             top = scope if scope is not None else Path(unified).parents[2]  # what is ours to write to
             self._enable_v2_controllers(top, Path(unified))
-        self._write_limits(limits)
-
-    def leave(self) -> None:
-        """The shim, about to end, moves to the top of each hierarchy of ours, so that its
-        folders can go (a scope is systemd's: it goes when the shim has ended)."""
-        host = HostCgroups.of_this_host()
-        for key in self.paths:
-            top = host.v2 if key == "unified" else host.v1.get(key)
-            if top is not None and not (key == "unified" and self.scope is not None):
-                with contextlib.suppress(OSError):
-                    Path(top, "cgroup.procs").write_text(str(os.getpid()))
 
     @staticmethod
     def _enable_v2_controllers(top: Path, leaf: Path) -> None:
@@ -188,27 +178,29 @@ class Cgroups:
                 with contextlib.suppress(OSError):
                     (folder / "cgroup.subtree_control").write_text("+" + controller)
 
-    def _write_limits(self, limits: Limits) -> None:
-        """(hierarchy, file, value, required): swap is kept to the limit where the kernel
-        accounts it, so a container past its memory limit is OOM-killed, not swapped out."""
+    def set_limits(self, limits: Limits) -> None:
+        """Exactly LIMITS: each one set is written (an error where the host cannot apply it),
+        each one unset is lifted (a folder left by an earlier run may still hold it). Swap is
+        kept to the limit where the kernel accounts it, so a container past its memory limit
+        is OOM-killed, not swapped out."""
+        memory, cpus, pids = limits.memory_bytes, limits.cpus, limits.pids
+        # (hierarchy, file, value, required); v1 wants memsw >= memory at every step: memsw is
+        # lifted first, then memory is written, then memsw follows it
         writes: list[tuple[str, str, str, bool]] = []
         if self.pure_v2:
-            if limits.memory_bytes:
-                writes += [("unified", "memory.max", str(limits.memory_bytes), True),
-                           ("unified", "memory.swap.max", "0", False)]
-            if limits.cpus:
-                writes.append(("unified", "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}", True))
-            if limits.pids:
-                writes.append(("unified", "pids.max", str(limits.pids), True))
+            writes += [("unified", "memory.max", str(memory) if memory else "max", bool(memory)),
+                       ("unified", "memory.swap.max", "0" if memory else "max", False),
+                       ("unified", "cpu.max", f"{int(cpus * CPU_PERIOD_US) if cpus else 'max'} {CPU_PERIOD_US}",
+                        bool(cpus)),
+                       ("unified", "pids.max", str(pids) if pids else "max", bool(pids))]
         else:
-            if limits.memory_bytes:
-                writes += [("memory", "memory.limit_in_bytes", str(limits.memory_bytes), True),
-                           ("memory", "memory.memsw.limit_in_bytes", str(limits.memory_bytes), False)]
-            if limits.cpus:
-                writes += [("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US), True),
-                           ("cpu", "cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)), True)]
-            if limits.pids:
-                writes.append(("pids", "pids.max", str(limits.pids), True))
+            writes += [("memory", "memory.memsw.limit_in_bytes", "-1", False),
+                       ("memory", "memory.limit_in_bytes", str(memory) if memory else "-1", bool(memory))]
+            if memory:
+                writes.append(("memory", "memory.memsw.limit_in_bytes", str(memory), False))
+            writes += [("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US), bool(cpus)),
+                       ("cpu", "cpu.cfs_quota_us", str(int(cpus * CPU_PERIOD_US)) if cpus else "-1", bool(cpus)),
+                       ("pids", "pids.max", str(pids) if pids else "max", bool(pids))]
         for key, filename, value, required in writes:
             target = Path(self.paths[key], filename) if key in self.paths else None
             if target is None or not target.exists():
@@ -216,7 +208,10 @@ class Cgroups:
                     continue
                 raise MigrateError(f"cannot apply {filename}: this host has no {filename.split('.')[0]} "
                                    "cgroup controller for containers")
-            target.write_text(value)
+            try:
+                target.write_text(value)
+            except OSError as e:  # v1 refuses a memory limit below what is in use (EBUSY)
+                raise MigrateError(f"cannot write {value} to {target}: {e.strerror}") from None
 
     def add(self, pid: int) -> None:
         for path in self.paths.values():

@@ -32,7 +32,7 @@ from .errors import CriuError, MigrateError
 from .layers import LayerStore
 from .paths import CHECKPOINT_META, StateRoot
 from .schedule import Scheduler
-from .spec import ContainerSpec
+from .spec import ContainerSpec, Limits
 from .store import Catalog
 
 COMMIT = b"c"  # on a fenced shim's go pipe: the migration committed, the copy here is the one
@@ -61,7 +61,7 @@ class Shim:
         layers = LayerStore(self.root.layers)
         lowers = [layers.path_of(d) for d in reversed(self.spec.layers)]
         rootfs.mount_overlay(lowers, self.dir / "upper", self.dir / "work", self.rootfs)
-        self.cgroups.create(self.spec.limits)
+        self.cgroups.create()
 
     def _pipes(self) -> tuple[int, int]:
         """Two pipes (stdout, stderr): read ends stay here, write ends go to the container."""
@@ -71,6 +71,7 @@ class Shim:
         return out_w, err_w
 
     def start(self) -> int:
+        self.cgroups.set_limits(self.spec.limits)
         out_w, err_w = self._pipes()
         pid_r, pid_w = os.pipe()
         err_pipe_r, err_pipe_w = os.pipe2(os.O_CLOEXEC)
@@ -130,11 +131,21 @@ class Shim:
             lazy_pages=lazy,
             tcp_close=tcp_close,
         )
+        # CRIU restores from inside the container's cgroups, so that what it restores is born
+        # there; the limits follow once it has exited: its own memory (about 50 MB to restore
+        # a shell) and CPU time are not the container's, and would OOM-kill it or throttle it
+        self.cgroups.set_limits(Limits())
         try:
-            return Criu().restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
+            pid = Criu().restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
         finally:
             os.close(out_w)
             os.close(err_w)
+        try:
+            self.cgroups.set_limits(self.spec.limits)
+        except BaseException:
+            self.cgroups.kill()  # a container its limits cannot hold does not go on
+            raise
+        return pid
 
     # supervising it
     def supervise(self, init_pid: int, fence_fd: int | None = None,

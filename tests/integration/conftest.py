@@ -109,7 +109,6 @@ MEMHOG_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 
-#define SIZE (512UL << 20)
 
 static void on_usr1(int sig) { (void)sig; }
 
@@ -119,9 +118,10 @@ static uint64_t checksum(const uint64_t *p, size_t n) {
     return h;
 }
 
-int main(void) {
-    size_t n = SIZE / sizeof(uint64_t);
-    uint64_t *p = malloc(SIZE);
+int main(int argc, char **argv) {
+    size_t size = (argc > 1 ? strtoul(argv[1], NULL, 10) : 512UL) << 20;  /* MiB */
+    size_t n = size / sizeof(uint64_t);
+    uint64_t *p = malloc(size);
     if (!p) { puts("malloc failed"); return 1; }
     uint64_t x = 0x9e3779b97f4a7c15ULL;  /* xorshift64 from a fixed seed */
     for (size_t i = 0; i < n; i++) {
@@ -149,7 +149,7 @@ int main(void) {
 
 @pytest.fixture(scope="session")
 def memhog_image(tmp_path_factory) -> Path:
-    """busybox plus a static program holding 512 MiB of deterministic data."""
+    """busybox plus a static program holding 512 MiB (or argv[1] MiB) of deterministic data."""
     d = tmp_path_factory.mktemp("memhog")
     (d / "memhog.c").write_text(MEMHOG_C)
     p = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "memhog"), str(d / "memhog.c")],

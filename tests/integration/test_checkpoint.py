@@ -19,7 +19,7 @@ from clihost import (
     record_timing,
     wait_until,
 )
-from test_containers import assert_all_gone, assert_limits
+from test_containers import _limit_files, assert_all_gone, assert_limits
 
 from runtime import linux
 
@@ -215,6 +215,22 @@ def test_limits_come_back_with_the_restored_container(bb):
     checkpoint(bb, "c1")
     restore(bb, "c1")
     assert_limits(bb, "c1")
+
+
+def test_a_job_near_its_memory_limit_restores_whole(bb, memhog_image):
+    """CRIU restores from inside the container's cgroups, and its own memory (about 50 MB even
+    for a shell) is not the container's: 64 MiB held under a 96 MiB limit comes back whole, its
+    limit with it, instead of CRIU being OOM-killed half-way."""
+    bb.ok("image", "import", memhog_image)
+    bb.ok("run", "--name", "big", "--memory", "96m", "memhog", "/bin/memhog", "64")
+    original = checksums(bb.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 64 MiB to be filled"))[0]
+    checkpoint(bb, "big")
+    pid = restore(bb, "big")
+    assert _limit_files(bb.record("big")["cgroups"])["memory"] == str(96 << 20)
+    os.kill(pid, signal.SIGUSR1)
+    text = bb.wait_log("big", lambda t: len(checksums(t)) == 2, 60, "the checksum after restore")
+    assert checksums(text) == [original, original]
+    assert bb.container("big")["state"] == "running"
 
 
 def test_nothing_is_left_after_checkpoint_and_rm(bb):

@@ -93,7 +93,9 @@ def test_limits_and_controllers_on_a_fake_v2_tree(tmp_path):
         (leaf / name).write_text("max\n")
     c = plan(HostCgroups({}, str(top), False), "migrate", "t1")
     assert c.paths == {"unified": str(leaf)}
-    c.create(Limits(memory_bytes=64 << 20, cpus=0.5, pids=100))
+    c.create()
+    assert (leaf / "memory.max").read_text() == "max\n"  # limits come with set_limits, not before
+    c.set_limits(Limits(memory_bytes=64 << 20, cpus=0.5, pids=100))
     assert (base / "shim" / "cgroup.procs").read_text() == str(os.getpid())
     assert (leaf / "memory.max").read_text() == "67108864"
     assert (leaf / "memory.swap.max").read_text() == "0"
@@ -104,10 +106,59 @@ def test_limits_and_controllers_on_a_fake_v2_tree(tmp_path):
     assert not (leaf / "cgroup.subtree_control").exists()  # the container's folder is a leaf
 
 
+    # a restore lifts every limit while CRIU works inside, then sets them again
+    c.set_limits(Limits())
+    assert [(leaf / n).read_text() for n in ("memory.max", "memory.swap.max", "cpu.max", "pids.max")] == \
+        ["max", "max", "max 100000", "max"]
+
+
+class _V1Memory:
+    """memory.limit_in_bytes and memory.memsw.limit_in_bytes as v1 keeps them: memsw may never
+    be below memory (EINVAL, as the kernel answers)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.limits = {"memory.limit_in_bytes": "-1", "memory.memsw.limit_in_bytes": "-1"}
+
+    def write(self, name: str, value: str) -> None:
+        new = {**self.limits, name: value}
+        size = {k: float("inf") if v == "-1" else int(v) for k, v in new.items()}
+        if size["memory.memsw.limit_in_bytes"] < size["memory.limit_in_bytes"]:
+            raise OSError(22, "Invalid argument")
+        self.limits = new
+
+
+def test_v1_memory_limits_are_raised_lowered_and_lifted_in_an_order_the_kernel_takes(tmp_path, monkeypatch):
+    memory, cpu = tmp_path / "memory", tmp_path / "cpu"
+    for folder in (memory, cpu):
+        folder.mkdir()
+    kernel = _V1Memory(memory)
+    for name in kernel.limits:
+        (memory / name).write_text("-1")
+    for name in ("cpu.cfs_period_us", "cpu.cfs_quota_us"):
+        (cpu / name).write_text("-1")
+    real_write = Path.write_text
+
+    def write_text(path: Path, value: str, *a, **kw):
+        if path.parent == memory:
+            kernel.write(path.name, value)
+        return real_write(path, value, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    c = Cgroups({"memory": str(memory), "cpu": str(cpu)})
+    for limits in (Limits(memory_bytes=64 << 20, cpus=0.5), Limits(memory_bytes=256 << 20), Limits(),
+                   Limits(memory_bytes=32 << 20)):
+        c.set_limits(limits)
+        want = str(limits.memory_bytes) if limits.memory_bytes else "-1"
+        assert kernel.limits == {"memory.limit_in_bytes": want, "memory.memsw.limit_in_bytes": want}
+        assert (cpu / "cpu.cfs_quota_us").read_text() == (str(int(limits.cpus * 100000)) if limits.cpus else "-1")
+
+
 def test_a_limit_the_host_cannot_apply_is_a_clear_error(tmp_path):
     c = Cgroups({"unified": str(tmp_path)})
     with pytest.raises(Exception, match="cannot apply memory.max: this host has no memory cgroup controller"):
-        c._write_limits(Limits(memory_bytes=1 << 20))
+        c.set_limits(Limits(memory_bytes=1 << 20))
+    c.set_limits(Limits())  # nothing to lift where there is no controller
 
 
 def test_an_override_of_the_manager(monkeypatch):
