@@ -166,6 +166,16 @@ class Cgroups:
             top = scope if scope is not None else Path(unified).parents[2]  # what is ours to write to
             self._enable_v2_controllers(top, Path(unified))
 
+    def leave(self) -> None:
+        """The shim, about to end, moves to the top of each hierarchy of ours, so that its
+        folders can go (a scope is systemd's: it goes when the shim has ended)."""
+        host = HostCgroups.of_this_host()
+        for key in self.paths:
+            top = host.v2 if key == "unified" else host.v1.get(key)
+            if top is not None and not (key == "unified" and self.scope is not None):
+                with contextlib.suppress(OSError):
+                    Path(top, "cgroup.procs").write_text(str(os.getpid()))
+
     @staticmethod
     def _enable_v2_controllers(top: Path, leaf: Path) -> None:
         """From TOP down to LEAF's parent, each available controller of the wanted ones on."""
