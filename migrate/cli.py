@@ -29,7 +29,7 @@ EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict wi
 VERBS = ("image", "run", "ps", "inspect", "logs", "exec", "stop", "rm", "checkpoint", "schedule", "snapshots",
          "snapshot", "restore", "export", "import", "move", "drain", "recover", "agent")
 # what a container under a (scheduled) snapshot waits for rather than refuses
-WAIT_FOR_SNAPSHOT = ("exec", "stop", "rm", "checkpoint", "restore", "move")
+WAIT_FOR_SNAPSHOT = ("exec", "stop", "rm", "restore")  # checkpoint and move wait as they take it
 
 
 class _Parser(argparse.ArgumentParser):

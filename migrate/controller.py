@@ -137,7 +137,8 @@ class Migration:
     def run(self) -> MigrationStats:
         started = time.monotonic()
         rec = self.rt.catalog.container(self.name)
-        states.check("migrate", rec.state, self.name)
+        if not self.rt.snapshot_under_way(rec):  # one under way is waited out after the preflight
+            states.check("migrate", rec.state, self.name)
         self.journal.begin(self.id, journal.SOURCE, self.name, self.spec.alias)
         try:
             with tempfile.TemporaryDirectory(prefix="migrate-ssh-") as control_dir:
@@ -177,7 +178,7 @@ class Migration:
             agent.proc.start_heartbeat()
             remote = hello["facts"]
             self._preflight(agent, local.result(), remote, cpu.result())
-        self.rt.catalog.transition(self.name, "migrate")
+        self.rt.take(self.name, "migrate")
         outgoing = self.rt.root.outgoing / self.name
         in_doubt = False
         try:

@@ -208,11 +208,26 @@ class Runtime:
         waits for it rather than being refused. Returns at once otherwise, and after `timeout`
         in any case (the operation then meets the state machine as usual)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rec = self.catalog.find_container(name)
-            if rec is None or rec.state != states.CHECKPOINTING or not owner_alive(rec.owner):
-                return
+        while time.monotonic() < deadline and self.snapshot_under_way(self.catalog.find_container(name)):
             time.sleep(0.05)
+
+    def take(self, name: str, action: str, timeout: float = SHIM_TIMEOUT, **fields) -> ContainerRecord:
+        """Begin `action` on NAME (its state-machine transition), waiting out a snapshot under
+        way in the same loop: a wait that returned before the transition would leave room for
+        the next scheduled snapshot to begin in between."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.catalog.transition(name, action, **fields)
+            except Conflict:
+                if time.monotonic() >= deadline or not self.snapshot_under_way(self.catalog.find_container(name)):
+                    raise
+            time.sleep(0.05)
+
+    @staticmethod
+    def snapshot_under_way(rec: ContainerRecord | None) -> bool:
+        """A live process is writing a snapshot of it (it runs on, or stops, in a moment)."""
+        return rec is not None and rec.state == states.CHECKPOINTING and owner_alive(rec.owner)
 
     def set_schedule(self, name: str, schedule: Schedule | None) -> ContainerRecord:
         """Change when NAME's snapshots are taken; its shim sees it within a second. Refused

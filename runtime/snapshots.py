@@ -182,7 +182,7 @@ class Snapshots:
         # before anything changes: a missing or broken criu fails here, the container untouched
         meta = {"id": snapshot_id, "container": name, "tag": tag, "criu_version": Criu().version(),
                 "scheduled": scheduled}
-        rec = self.catalog.transition(name, "checkpoint", owner={**own_identity(), "snapshot": snapshot_id})
+        rec = self.rt.take(name, "checkpoint", owner={**own_identity(), "snapshot": snapshot_id})
         final = self.root.snapshot_dir(snapshot_id)
         partial = self.root.partial_snapshot_dir(snapshot_id)
         try:

@@ -11,6 +11,7 @@ by force is a leak of the tool and fails the test.
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from clihost import (
     IMAGE,
+    _cli,
     assert_consecutive,
     checksums,
     counter_numbers,
@@ -37,7 +39,7 @@ from cluster import (
 from test_checkpoint import GHOST_HOLDER, first_error, kept_criu_log
 from test_containers import assert_all_gone
 
-from runtime import linux
+from runtime import journal, linux
 from runtime.cgroups import Cgroups
 from runtime.criu import find_binary
 from runtime.imagebuild import build_image
@@ -525,3 +527,45 @@ def test_a_file_rewritten_in_place_many_times_a_second_arrives_as_last_written(t
         assert "CHECK" not in node.logs("c1"), node.logs("c1")[-500:]
     assert_consecutive(counter_numbers(b.logs("c1")))
     assert "c1" not in a.ps()
+
+
+def _source_step_done(node, step: str) -> bool:
+    db = sqlite3.connect(str(node.state.db), timeout=30)
+    try:
+        return db.execute("SELECT 1 FROM journal WHERE role=? AND step=? AND event='done'",
+                          (journal.SOURCE, step)).fetchone() is not None
+    finally:
+        db.close()
+
+
+def test_a_migration_that_meets_a_snapshot_under_way_waits_for_it_then_moves(two):
+    """A snapshot (a scheduled one, most often) that begins while a migration makes its
+    preflight ends in a moment: the migration waits for it and takes the container, instead
+    of being refused "it is checkpointing" (which a drain under scheduled snapshots met)."""
+    a = two["host-a"]
+    before = start_counter(two)
+    # a snapshot held half-way, in CRIU's hook, until its stdin ends
+    snap = subprocess.Popen([*a.prefix, *_cli(), "checkpoint", "--leave-running", "c1"], cwd=a.work,
+                            env={**a.env, "MIGRATE_FAULTS": "checkpoint-written:hang"}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    move = None
+    try:
+        wait_until(lambda: a.record("c1")["state"] == "checkpointing", 30, "the snapshot to begin")
+        move = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", "copy"], env=a.env, cwd=a.work,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: _source_step_done(a, "preflight") or move.poll() is not None, 60,
+                   "the migration's preflight")
+        time.sleep(0.5)
+        assert move.poll() is None, move.communicate()  # waiting, not refused
+        assert a.record("c1")["state"] == "checkpointing"
+        _, err = snap.communicate(timeout=60)  # its stdin ends: the snapshot goes on
+        assert snap.returncode == 0, err
+        _, err = move.communicate(timeout=120)
+        assert move.returncode == 0, err
+    finally:
+        for proc in (snap, move):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "c1" not in a.ps()
+    assert_counts_on(two, "host-b", "c1", before)
