@@ -69,7 +69,8 @@ class Agent:
         method = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if method is None:
             raise InvalidInput(f"unknown agent request {op!r}")
-        step = _STEPS.get(op)
+        # the final dump's page server is a step of its own (every round before it, pre-copy's)
+        step = "page server" if op == "page_server" and msg.get("folder") == "images" else _STEPS.get(op)
         if step is not None or op == "prepare":
             faults.point("target-" + (step or op).replace(" ", "-"))
         p = self.pending if step else None

@@ -22,11 +22,11 @@ from pathlib import Path
 from runtime import criulogs, faults, journal, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import Runtime
-from runtime.criu import Criu, abort_lazy_dump
+from runtime.criu import Criu, abort_lazy_dump, pages_written
 from runtime.errors import CriuError, InDoubt, MigrateError, MigrationFailed, PeerLost, RemoteError
 from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
 from runtime.reconcile import secure_dump
-from runtime.snapshots import dump, dump_blocker, pre_dump, tree_size
+from runtime.snapshots import dump, dump_blocker, dump_held, pre_dump, tree_size
 
 from . import precopy, preflight, steps
 from .hosts import resolve_host
@@ -111,6 +111,7 @@ class Migration:
         self.id = secrets.token_hex(8)
         self.step = "connect"
         self.memory = 0  # the container's memory use, measured at preflight
+        self.stream = False  # copy and pre-copy: the final dump writes memory to a page server there
         self.frozen_until = 0.0  # monotonic: past it, the migration rolls back
         self.restore_asked = False  # from then on the target may run a (fenced) copy
         self.copy_deadline: float | None = None  # past it, an uncommitted copy on the target has ended itself
@@ -183,10 +184,15 @@ class Migration:
         in_doubt = False
         try:
             self._transfer(agent, rsync, remote, outgoing, session)
-        except InDoubt:
-            in_doubt = True  # its images stay in outgoing: the frozen state, complete (copy mode)
-            self.rt.catalog.transition(self.name, "migrate-in-doubt", owner=None)
-            secure_dump(outgoing)
+        except InDoubt as e:
+            in_doubt = True  # the processes stay frozen here, and outgoing keeps a complete dump of them
+            rec = self.rt.catalog.transition(self.name, "migrate-in-doubt", owner=None)
+            try:
+                dump_held(rec, outgoing)
+                secure_dump(outgoing)
+            except MigrateError as why:
+                raise InDoubt(f"{e} (and no copy of its memory could be kept here in case this host restarts "
+                              f"first: {why})") from None
             raise
         except BaseException as e:
             if isinstance(e, CriuError):  # CRIU's log is in outgoing, which goes now: keep a copy
@@ -223,6 +229,7 @@ class Migration:
         if verdict.problems:
             raise MigrationFailed(f"cannot migrate {self.name} to {self.spec.alias}: " + "; ".join(verdict.problems))
         self.stats.mode = verdict.mode
+        self.stream = verdict.stream
         if verdict.why:
             self.stats.notes.append(f"mode {verdict.why}")
         if verdict.mode == "lazy" and preflight.needs_pipe_size(local):
@@ -253,6 +260,10 @@ class Migration:
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         parent = self._precopy(agent, rsync, rec, outgoing) if self.stats.mode == "precopy" else None
+        pages = None
+        if self.stream and self.stats.mode != "lazy":  # CRIU writes the memory there while it dumps
+            with self._step("page server"):  # (after pre-copy: only what is dirty since)
+                pages = self._page_server(agent, rsync, "images")
         self._begin("checkpoint")
         agent.proc.check()  # an agent known gone already is found before anything freezes
         self.freeze_started = time.monotonic()
@@ -260,11 +271,9 @@ class Migration:
         if self.stats.mode == "lazy":
             self._freeze_lazy(agent, session, rec, outgoing, lambda: self._ship(rsync, cdir, outgoing, incoming))
         else:
-            pages = self._page_server(agent, rsync, "images") if parent is not None else None
-
             def on_frozen() -> None:
                 try:
-                    if pages is not None:  # CRIU flushed the final round's pages before this hook
+                    if pages is not None:  # CRIU flushed the pages before this hook: the page server ends
                         agent.call("page_server_done", name=self.name, timeout=self._left(), timeout_s=self._left())
                     self._ship(rsync, cdir, outgoing, incoming)
                     with self._step("restore"), self.stats.phase("restore"):
@@ -287,6 +296,9 @@ class Migration:
             finally:
                 if pages is not None:
                     rsync.cancel_forward(*pages)
+            if pages is not None:
+                with contextlib.suppress(OSError, CriuError):  # a figure: the move is done whether known or not
+                    self.stats.bytes["pages"] += pages_written(outgoing / "images" / "stats-dump") * precopy.PAGE_SIZE
 
     def _page_server(self, agent: Agent, rsync: Rsync, folder: str) -> tuple[int, int]:
         """A page server on the target for one pre-copy round, reached through the shared SSH
@@ -340,9 +352,9 @@ class Migration:
             if (cdir / "container.log").exists():
                 sources.append(cdir / "container.log")
             # one rsync run: every run costs a round of SSH channel set-up inside the freeze
-            # pre-copy: the target's page server wrote the memory there; --delete must leave it
+            # the target's page server wrote the memory there (but in lazy mode): --delete must leave it
             keep = ("/images/pages-*.img", "/images/pagemap-*.img", "/images/page-server.log") \
-                if self.stats.mode == "precopy" else ()
+                if self.stream and self.stats.mode != "lazy" else ()
             sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left(),
                               keep=keep)
             self.stats.bytes["images"] += min(sent, image_bytes)

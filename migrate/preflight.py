@@ -23,6 +23,9 @@ class Verdict:
     mode: str
     problems: tuple[str, ...]
     why: str = ""  # how `auto` chose its mode
+    # copy mode: CRIU writes the memory straight to a page server on the target while it dumps,
+    # where both CRIUs speak the same page-server wire; else it dumps to disk and rsync copies
+    stream: bool = False
 
 
 def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy_implemented: bool = True) -> Verdict:
@@ -64,7 +67,7 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
         elif not same_wire:
             problems.append("pre-copy streams memory between the two CRIUs; " + wire)
     if mode != "auto":
-        return Verdict(mode, tuple(problems))
+        return Verdict(mode, tuple(problems), stream=same_wire)
     if dirty and not old_criu and same_wire:
         return Verdict("precopy", tuple(problems), "pre-copy: both hosts track dirtied memory")
     if uffd and same_wire:
@@ -74,7 +77,7 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
         why = f"copy: CRIU {here} here and {there} on {host} cannot stream memory to each other (changed in 4.2)"
     else:
         why = "copy: neither soft-dirty tracking (pre-copy) nor userfaultfd (lazy) on both hosts"
-    return Verdict("copy", tuple(problems), why)
+    return Verdict("copy", tuple(problems), why, stream=same_wire)
 
 
 def limits_verdict(name: str, limits, remote: dict) -> list[str]:

@@ -10,8 +10,8 @@ nobody decided yet, ending the target's copy) and then:
 |---|---|
 | committed | the frozen processes are killed, the record and folders removed |
 | aborted (or never heard of it) | the processes are thawed: it runs here again |
-| aborted; the processes here gone (a restart) | copy mode: its dump becomes a snapshot (`checkpointed`) |
-| the same, in lazy mode | `lost` (its memory was never in the dump) |
+| aborted; the processes here gone (a restart) | the dump made when the doubt began becomes a snapshot (`checkpointed`) |
+| the same, no such dump (the controller died) | `lost` |
 | nothing (unreachable) | it stays frozen and in doubt; recover says so and exits 9 |
 """
 

@@ -30,9 +30,13 @@ STEPS = (
     Step("pre-copy", "pre-copy mode: rounds of pre-dumps send the memory dirtied since the round before to a "
          "page server on the target, while the container runs",
          False, "source", "the target's page server and rounds go with its incoming folder"),
-    Step("checkpoint", "CRIU dumps the container; from here the source is frozen",
+    Step("page server", "copy and pre-copy mode: a CRIU page server on the target, reached through the SSH "
+         "connection, to receive the memory as the final dump writes it",
+         False, "source", "the page server goes with the incoming folder"),
+    Step("checkpoint", "CRIU dumps the container, its memory straight to the target (but in lazy mode); from "
+         "here the source is frozen",
          True, "source", "CRIU resumes the source; if the controller died, the next command here does"),
-    Step("final sync", "CRIU's images and the last changes of the files, in one rsync run",
+    Step("final sync", "CRIU's other images and the last changes of the files, in one rsync run",
          True, "source", "as checkpoint"),
     Step("restore", "the target restores; its copy runs fenced (killed if its agent goes, or if no "
          "commit arrives within the freeze deadline)",

@@ -71,6 +71,8 @@ class DumpOptions:
     # watched paths by inode number in these folders of the container (only when needed;
     # "/" itself does not work: CRIU stats the path without its leading slash)
     irmap_scan_paths: tuple[str, ...] = ()
+    # a tree the cgroup freezer holds: CRIU takes it through this freezer and leaves it as it found it
+    freeze_cgroup: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ def dump_request(opts: DumpOptions, images_fd: int):
     req.opts.irmap_scan_paths.extend(opts.irmap_scan_paths)
     if opts.page_server:
         req.opts.ps.address, req.opts.ps.port = opts.page_server
+    if opts.freeze_cgroup:
+        req.opts.freeze_cgroup = opts.freeze_cgroup
     return req
 
 

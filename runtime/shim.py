@@ -260,6 +260,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _drop_preloaded(name: str, migration: str) -> None:
+    """A migration's target record that its agent will never have restored (the agent ended,
+    or died, before the restore): nothing else would remove it if the agent died."""
+    root = StateRoot.from_env()
+    catalog = Catalog(root.db)
+    try:
+        with catalog.transaction():
+            rec = catalog.find_container(name)
+            if rec is None or rec.state != states.CREATED or rec.migration != migration:
+                return
+            catalog.remove_container(name)
+        shutil.rmtree(root.container_dir(name), ignore_errors=True)  # nothing is mounted before the go
+    finally:
+        catalog.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.shim")
     ap.add_argument("mode", choices=("start", "restore"))
@@ -279,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(MigrateError):  # without pycriu, a restore reports it after the go
         _rpc()  # import pycriu before the go: it is part of the start-up we keep out of the downtime
     if not os.read(sys.stdin.fileno(), 1):  # unbuffered: a fenced shim reads its commit byte later
+        if args.migration:
+            _drop_preloaded(args.name, args.migration)
         return 0
     root = StateRoot.from_env()
     catalog = Catalog(root.db)

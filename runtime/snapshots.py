@@ -109,7 +109,7 @@ def dump_blocker(rec: ContainerRecord) -> str | None:
 def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
          on_notify: Callable[[str], None] | None = None, lazy_port: int | None = None,
          on_criu: Callable[[int], None] | None = None, page_server_port: int | None = None,
-         parent_images: str | None = None) -> None:
+         parent_images: str | None = None, freeze_cgroup: str | None = None) -> None:
     """Checkpoint a running container into the new folder sdir (images, spec, stdio identities).
 
     on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
@@ -119,6 +119,7 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
     on_criu gets the PID of the dumping criu: killing it is the last resort to resume a tree it
     holds frozen. With page_server_port (pre-copy), memory goes to the page server reached at
     127.0.0.1:page_server_port, only what was dirtied since the pre-dump in parent_images.
+    freeze_cgroup: the tree is held by that freezer (see dump_held).
     """
     sdir.mkdir(mode=0o700, exist_ok=True)
     (sdir / "images").mkdir(mode=0o700)
@@ -141,8 +142,19 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
         lazy_pages=lazy_port is not None,
         page_server=("127.0.0.1", port) if port is not None else None,
         parent_images=parent_images,
+        freeze_cgroup=freeze_cgroup,
     )
     Criu().dump(opts, sdir / "images", notified, on_criu)
+
+
+def dump_held(rec: ContainerRecord, sdir: Path) -> None:
+    """A complete dump, memory included, of a tree held frozen (an in-doubt migration's source),
+    into sdir anew; the tree stays frozen. The dump made for the move streamed the memory to the
+    target, and this one is the tree's only copy should this host restart before the doubt is
+    settled. Where the cgroup freezer holds it, CRIU is told so: it takes the tree through that
+    freezer and leaves it frozen (stopped trees, where there is no cgroup2, it dumps as stopped)."""
+    shutil.rmtree(sdir, ignore_errors=True)
+    dump(rec, sdir, leave_running=True, on_frozen=lambda: None, freeze_cgroup=Cgroups(rec.cgroups).paths.get("unified"))
 
 
 def pre_dump(rec: ContainerRecord, folder: Path, page_server_port: int, parent: str | None) -> int:

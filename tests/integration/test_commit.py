@@ -139,19 +139,21 @@ def test_recover_with_bad_input_says_so(two):
 
 
 
-def test_a_source_host_restarted_while_in_doubt_keeps_its_dump_as_a_snapshot(two):
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_a_source_host_restarted_while_in_doubt_keeps_its_dump_as_a_snapshot(two, mode):
     """The target's agent dies at the commit (so its copy is ended there: aborted) while host-b
     cannot be asked again: the source stays in doubt. Then the source "restarts": every process
-    of the container and its shim is killed. Its only copy is the dump made for the move:
-    recover, once host-b answers, keeps it as a snapshot, and restore resumes the counter where
-    it was frozen, with no restart."""
+    of the container and its shim is killed. Its only copy is the dump made of the frozen tree
+    when the doubt began (the move's own dump streamed the memory to host-b): recover, once
+    host-b answers, keeps it as a snapshot, and restore resumes the counter where it was
+    frozen, with no restart."""
     a, b = two["host-a"], two["host-b"]
     netns = two.hosts["host-b"].netns
     set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": "commit:kill"})
     before = start_counter(two)
     _track_ssh(netns)
     env = {**a.env, "MIGRATE_FAULTS": "source-commit:hang"}
-    proc = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", "copy"], env=env, cwd=a.work,
+    proc = subprocess.Popen([*a.prefix, *_cli(), "c1", "host-b", "--mode", mode], env=env, cwd=a.work,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: b.ps().get("c1", {}).get("state") == "running", 60, "host-b to restore")

@@ -14,17 +14,18 @@ from migrate.steps import STEPS
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
-TARGET_STEPS = ("prepare", "layers", "preload", "restore", "memory pages", "commit")
+TARGET_STEPS = ("prepare", "layers", "preload", "page server", "restore", "memory pages", "commit")
+ONLY_IN = {"memory pages": "lazy", "page server": "copy"}
 
 
 def _cases():
     # pre-copy needs soft-dirty tracking, which this machine's kernel lacks: tests/vm has it
     for mode in ("copy", "lazy"):
         for step in (s.name for s in STEPS if s.name != "pre-copy"):
-            if step != "memory pages" or mode == "lazy":
+            if ONLY_IN.get(step, mode) == mode:
                 yield pytest.param(mode, "source", step, "kill", id=f"{mode}-controller-killed-at-{step}")
         for step in TARGET_STEPS:
-            if step != "memory pages" or mode == "lazy":
+            if ONLY_IN.get(step, mode) == mode:
                 for how in ("kill", "kill-parent"):
                     what = "agent-killed" if how == "kill" else "connection-cut"
                     yield pytest.param(mode, "target", step, how, id=f"{mode}-{what}-at-{step}")

@@ -99,6 +99,17 @@ def test_lazy_needs_both_criu_on_the_same_side_of_the_page_protocol_change():
     assert (same.mode, same.problems) == ("lazy", ()) and same.why.startswith("lazy")
 
 
+def test_copy_mode_streams_memory_only_between_criu_of_the_same_page_wire():
+    """Copy mode's dump writes memory straight to a page server on the target where both CRIUs
+    speak the same page-server wire, and dumps to disk for rsync where they do not (4.1 -> 4.2)."""
+    for here, there, stream in (("4.2.1", "4.2.1", True), ("3.17.1", "4.1.1", True), ("3.17.1", "4.2.1", False),
+                                ("4.1.1", "4.2.1", False)):
+        plain = facts(criu_version=here, lazy_pages=False), facts(criu_version=there, lazy_pages=False)
+        for mode in ("copy", "auto"):
+            v = judge(*plain, "c1", GIB, mode)
+            assert (v.mode, v.problems, v.stream) == ("copy", (), stream), (here, there, mode, v)
+
+
 def test_precopy_needs_soft_dirty_tracking_and_criu_3_17_on_both_and_auto_prefers_it():
     both = facts(dirty_tracking=True, criu_version="3.17.1")
     v = judge(both, both, "c1", GIB, "auto")
