@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from clihost import COUNTER, IMAGE, assert_consecutive, counter_numbers, proc_gone, proc_identity, wait_until
 
-from runtime.cgroups import Cgroups
+from runtime.cgroups import SHIM_LEAF, Cgroups
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -26,14 +26,18 @@ def wait_snapshots(host, name: str, count: int, timeout: float = 60) -> list[dic
 
 
 def kill_everything(host, name: str) -> list[int]:
-    """A crash of the host, as far as the container goes: its shim and every process of it
-    gone at once, nothing recorded. Returns the numbers it had written."""
+    """A crash of the host, as far as the container goes: its shim, a scheduled snapshot it
+    may be taking (the worker and its CRIU, in the shim's cgroup) and every process of it gone
+    at once, nothing recorded; `ps` then says lost. Returns the numbers it had written."""
     rec = host.record(name)
     shim = proc_identity(rec["shim_pid"])
     os.kill(rec["shim_pid"], signal.SIGKILL)  # the shim first: nothing may record an exit
     wait_until(lambda: proc_gone(shim), 10, "the shim to die")
-    Cgroups(rec["cgroups"]).kill()
-    wait_until(lambda: not Cgroups(rec["cgroups"]).pids(), 10, f"the processes of {name} to die")
+    beside = Cgroups({k: str(Path(v).parent / SHIM_LEAF) for k, v in rec["cgroups"].items()})
+    for group in (beside, Cgroups(rec["cgroups"])):
+        group.kill()
+        wait_until(lambda: not group.pids(), 10, f"the processes of {name} to die")
+    wait_until(lambda: host.container(name)["state"] == "lost", 30, f"{name} to be lost")
     return counter_numbers(host.logs(name))
 
 
