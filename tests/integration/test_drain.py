@@ -120,6 +120,7 @@ def test_drain_from_a_third_machine_with_per_container_policies(cluster, busybox
     c.record("host-a", "c3")
     a.ok("run", "--name", "c5", IMAGE, "true")  # exits at once: nothing to drain
     c.record("host-a", "c5")
+    wait_until(lambda: a.container("c5")["state"] == "exited", 30, "c5 to exit")  # before the state is taken
 
     # from host-c, a dry run with --policy stop: containers without a policy of their own follow it
     state = a.snapshot_of_state()
