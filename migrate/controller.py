@@ -261,7 +261,7 @@ class Migration:
         shutil.rmtree(outgoing, ignore_errors=True)
         parent = self._precopy(agent, rsync, rec, outgoing) if self.stats.mode == "precopy" else None
         pages = None
-        if self.stream and self.stats.mode != "lazy":  # CRIU writes the memory there while it dumps
+        if self.stream:  # CRIU writes the memory there while it dumps
             with self._step("page server"):  # (after pre-copy: only what is dirty since)
                 pages = self._page_server(agent, rsync, "images")
         self._begin("checkpoint")
@@ -354,7 +354,7 @@ class Migration:
             # one rsync run: every run costs a round of SSH channel set-up inside the freeze
             # the target's page server wrote the memory there (but in lazy mode): --delete must leave it
             keep = ("/images/pages-*.img", "/images/pagemap-*.img", "/images/page-server.log") \
-                if self.stream and self.stats.mode != "lazy" else ()
+                if self.stream else ()
             sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left(),
                               keep=keep)
             self.stats.bytes["images"] += min(sent, image_bytes)

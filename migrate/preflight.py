@@ -23,8 +23,8 @@ class Verdict:
     mode: str
     problems: tuple[str, ...]
     why: str = ""  # how `auto` chose its mode
-    # copy mode: CRIU writes the memory straight to a page server on the target while it dumps,
-    # where both CRIUs speak the same page-server wire; else it dumps to disk and rsync copies
+    # copy and pre-copy: the final dump writes the memory straight to a page server on the target,
+    # where both CRIUs speak the same page-server wire; else (copy) to disk, and rsync copies it
     stream: bool = False
 
 
@@ -66,18 +66,20 @@ def judge(local: dict, remote: dict, name: str, need_bytes: int, mode: str, lazy
             problems.append(f"pre-copy needs CRIU 3.17 or later on both hosts ({here} here, {there} on {host})")
         elif not same_wire:
             problems.append("pre-copy streams memory between the two CRIUs; " + wire)
-    if mode != "auto":
-        return Verdict(mode, tuple(problems), stream=same_wire)
-    if dirty and not old_criu and same_wire:
-        return Verdict("precopy", tuple(problems), "pre-copy: both hosts track dirtied memory")
-    if uffd and same_wire:
-        return Verdict("lazy", tuple(problems), "lazy: both hosts have userfaultfd"
-                       + ("" if dirty else " (no soft-dirty tracking for pre-copy)"))
-    if not same_wire and (uffd or dirty):
-        why = f"copy: CRIU {here} here and {there} on {host} cannot stream memory to each other (changed in 4.2)"
-    else:
-        why = "copy: neither soft-dirty tracking (pre-copy) nor userfaultfd (lazy) on both hosts"
-    return Verdict("copy", tuple(problems), why, stream=same_wire)
+    why = ""  # how `auto` chose its mode
+    if mode == "auto":
+        if dirty and not old_criu and same_wire:
+            mode, why = "precopy", "pre-copy: both hosts track dirtied memory"
+        elif uffd and same_wire:
+            mode, why = "lazy", "lazy: both hosts have userfaultfd" + (
+                "" if dirty else " (no soft-dirty tracking for pre-copy)")
+        elif not same_wire and (uffd or dirty):
+            mode, why = "copy", (f"copy: CRIU {here} here and {there} on {host} cannot stream memory to each other "
+                                 "(changed in 4.2)")
+        else:
+            mode, why = "copy", "copy: neither soft-dirty tracking (pre-copy) nor userfaultfd (lazy) on both hosts"
+    # lazy mode's memory moves after the dump; every other mode's final dump writes it to the target
+    return Verdict(mode, tuple(problems), why, stream=same_wire and mode != "lazy")
 
 
 def limits_verdict(name: str, limits, remote: dict) -> list[str]:

@@ -108,6 +108,12 @@ def test_copy_mode_streams_memory_only_between_criu_of_the_same_page_wire():
         for mode in ("copy", "auto"):
             v = judge(*plain, "c1", GIB, mode)
             assert (v.mode, v.problems, v.stream) == ("copy", (), stream), (here, there, mode, v)
+    # pre-copy's final dump streams whether asked for or chosen by auto; lazy mode's never does
+    both = facts(dirty_tracking=True, criu_version="4.2.1")
+    for mode in ("precopy", "auto"):
+        v = judge(both, both, "c1", GIB, mode)
+        assert (v.mode, v.problems, v.stream) == ("precopy", (), True), (mode, v)
+    assert not judge(facts(), facts(), "c1", GIB, "lazy").stream
 
 
 def test_precopy_needs_soft_dirty_tracking_and_criu_3_17_on_both_and_auto_prefers_it():
