@@ -15,6 +15,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ from runtime import criulogs, faults, journal, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import LaunchedShim, Runtime
 from runtime.criu import PAGES_STALL, Criu, LazyPagesDaemon, PageServer
-from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound
+from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, RemoteError
 from runtime.facts import cpuinfo_check, host_facts
 from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
@@ -36,10 +37,13 @@ from .protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, PROTOCOL, Heartbea
 
 COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
 # requests that are steps of the migration: journaled before and after
-_STEPS = {"adopt_layers": "layers", "preload": "preload", "page_server": "pre-copy", "restore": "restore",
+_STEPS = {"adopt_layers": "layers", "preload": "preload", "page_server": "pre-copy", "page_link": "page connection",
+          "restore": "restore",
           "wait_pages": "memory pages", "commit": "commit"}
 _ROUND_FOLDER = re.compile(r"pre-[1-9][0-9]{0,2}|images")  # pre-copy's rounds, then the final dump's
 _MIGRATION_ID = re.compile(r"[0-9a-f]{8,64}")
+_PAGE_SOCKET = re.compile(r"pages-[0-9a-f]{8}\.sock")
+PAGE_CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -51,6 +55,7 @@ class _Pending:
     incoming: Path
     staging: Path
     adopted: list[str] = field(default_factory=list)
+    page_link: socket.socket | None = None  # lazy mode: the page connection, until the restore
     pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
     page_server: PageServer | None = None  # pre-copy: receiving a round's pages
     rounds: list[str] = field(default_factory=list)  # pre-copy: the folders of the rounds received
@@ -70,7 +75,7 @@ class Agent:
         if method is None:
             raise InvalidInput(f"unknown agent request {op!r}")
         # the final dump's page server is a step of its own (every round before it, pre-copy's)
-        step = "page server" if op == "page_server" and msg.get("folder") == "images" else _STEPS.get(op)
+        step = "page connection" if op == "page_server" and msg.get("folder") == "images" else _STEPS.get(op)
         if step is not None or op == "prepare":
             faults.point("target-" + (step or op).replace(" ", "-"))
         p = self.pending if step else None
@@ -153,9 +158,8 @@ class Agent:
         return {}
 
     def op_page_server(self, msg: dict) -> dict:
-        """Pre-copy: a page server for the next round (a pre-dump's, or the final dump's into
-        `images`), in its own folder linked to the round before; the source's CRIU reaches it
-        at 127.0.0.1:PORT here, forwarded through the SSH connection."""
+        """A page server for the next round (a pre-dump's, or the final dump's into `images`), in
+        its own folder linked to the round before, on a page connection (migrate/pagelink.py)."""
         p = self._pending(msg)
         folder = msg.get("folder")
         if not isinstance(folder, str) or not _ROUND_FOLDER.fullmatch(folder) or folder in p.rounds:
@@ -163,10 +167,19 @@ class Agent:
         if p.page_server is not None:
             raise Conflict(f"the page server of round {p.rounds[-1]} is still running")
         (p.incoming / folder).mkdir(mode=0o700)
-        port = linux.free_local_port()
-        p.page_server = Criu().page_server(p.incoming / folder, port, f"../{p.rounds[-1]}" if p.rounds else None)
+        with _page_connection(p, msg) as link:
+            p.page_server = Criu().page_server(p.incoming / folder, link.fileno(),
+                                               f"../{p.rounds[-1]}" if p.rounds else None)
         p.rounds.append(folder)
-        return {"port": port}
+        return {}
+
+    def op_page_link(self, msg: dict) -> dict:
+        """Lazy mode: the page connection, kept for the lazy-pages daemon the restore starts."""
+        p = self._pending(msg)
+        if p.page_link is not None:
+            raise Conflict(f"the migration of {p.name} has its page connection already")
+        p.page_link = _page_connection(p, msg)
+        return {}
 
     def op_page_server_done(self, msg: dict) -> dict:
         """The round's pages are all here (the page server ended well), or the round failed."""
@@ -178,12 +191,15 @@ class Agent:
         return {}
 
     def op_restore(self, msg: dict) -> dict:
-        """Restore from the incoming folder; with lazy_port, memory comes from the source's page
-        server, reached at 127.0.0.1:lazy_port (a tunnel in the SSH connection)."""
+        """Restore from the incoming folder; when lazy, memory comes from the source's CRIU
+        through the page connection."""
         p = self._pending(msg)
-        lazy_port = msg.get("lazy_port")
-        if lazy_port is not None:
-            p.pages = Criu().lazy_pages(p.incoming / "images", int(lazy_port))
+        if msg.get("lazy"):
+            if p.page_link is None:
+                raise Conflict(f"the migration of {p.name} has no page connection")
+            with p.page_link:
+                p.pages = Criu().lazy_pages(p.incoming / "images", p.page_link.fileno())
+            p.page_link = None
         rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None, shim=p.shim)
         if p.pages is None:
             _remove_incoming(p.incoming)
@@ -291,6 +307,8 @@ class Agent:
             self.rt.discard(p.name)
         if p.pages is not None:  # only now: the tree must never run without its pages
             p.pages.kill()
+        if p.page_link is not None:
+            p.page_link.close()
         if p.page_server is not None:
             p.page_server.kill()
         _end_transfer(p)
@@ -344,6 +362,26 @@ def _abort_copy(root, name: str, migration: str) -> None:
         rt.discard(name)  # its shim is gone (or hangs): nothing else will
     finally:
         rt.close()
+
+
+def _page_connection(p: _Pending, msg: dict) -> socket.socket:
+    """Connect to the socket sshd made in the incoming folder for the source's end of the page
+    connection (migrate/pagelink.py), and remove it: nobody else can connect to it any more."""
+    path = msg.get("socket")
+    if not isinstance(path, str) or Path(path).parent != p.incoming or not _PAGE_SOCKET.fullmatch(Path(path).name):
+        raise InvalidInput(f"bad page connection socket {path!r}")
+    link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        link.settimeout(PAGE_CONNECT_TIMEOUT)
+        link.connect(path)
+        link.settimeout(None)
+    except OSError as e:
+        link.close()
+        raise RemoteError(f"cannot reach the page connection at {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return link
 
 
 def _remove_incoming(incoming: Path) -> None:

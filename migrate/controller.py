@@ -22,19 +22,18 @@ from pathlib import Path
 from runtime import criulogs, faults, journal, linux, procfs, states
 from runtime.cgroups import Cgroups
 from runtime.container import Runtime
-from runtime.criu import Criu, abort_lazy_dump, pages_written
+from runtime.criu import Criu, pages_written
 from runtime.errors import CriuError, InDoubt, MigrateError, MigrationFailed, PeerLost, RemoteError
 from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_facts
 from runtime.reconcile import secure_dump
 from runtime.snapshots import dump, dump_blocker, dump_held, pre_dump, tree_size
 
-from . import precopy, preflight, steps
+from . import pagelink, precopy, preflight, steps
 from .hosts import resolve_host
 from .protocol import PROTOCOL
 from .ssh import RemoteProcess, SSHSession
 from .stats import MigrationStats
 from .transfer import DelayedProgress, Rsync, missing_layers
-from .tunnel import ReverseTunnel
 
 AGENT_TIMEOUT = 300.0
 DUMP_JOIN_TIMEOUT = 60.0
@@ -149,7 +148,7 @@ class Migration:
                 try:
                     agent = Agent(session.open_process(self.spec.remote_argv("agent")), self.spec.alias)
                     try:
-                        self._migrate(agent, rsync, session)
+                        self._migrate(agent, rsync)
                     finally:
                         agent.proc.close()
                 finally:
@@ -167,7 +166,7 @@ class Migration:
         self.stats.total = time.monotonic() - started
         return self.stats
 
-    def _migrate(self, agent: Agent, rsync: Rsync, session: SSHSession) -> None:
+    def _migrate(self, agent: Agent, rsync: Rsync) -> None:
         with self._step("preflight"), self.stats.phase("preflight"), ThreadPoolExecutor(2) as pool:
             # this host's facts are gathered while the other host gathers its own
             local = pool.submit(host_facts, self.rt.root, [], [])
@@ -183,7 +182,7 @@ class Migration:
         outgoing = self.rt.root.outgoing / self.name
         in_doubt = False
         try:
-            self._transfer(agent, rsync, remote, outgoing, session)
+            self._transfer(agent, rsync, remote, outgoing)
         except InDoubt as e:
             in_doubt = True  # the processes stay frozen here, and outgoing keeps a complete dump of them
             rec = self.rt.catalog.transition(self.name, "migrate-in-doubt", owner=None)
@@ -237,7 +236,7 @@ class Migration:
             self.stats.notes.append(f"raised fs.pipe-max-size to {LAZY_PIPE_SIZE} on this host "
                                     "(lazy dumps need pipes that large)")
 
-    def _transfer(self, agent: Agent, rsync: Rsync, remote: dict, outgoing: Path, session: SSHSession) -> None:
+    def _transfer(self, agent: Agent, rsync: Rsync, remote: dict, outgoing: Path) -> None:
         rec = self.rt.catalog.container(self.name)
         cdir = self.rt.root.container_dir(self.name)
         with self._step("prepare"):
@@ -259,17 +258,29 @@ class Migration:
                        tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
-        parent = self._precopy(agent, rsync, rec, outgoing) if self.stats.mode == "precopy" else None
+        parent = self._precopy(agent, rsync, rec, outgoing, incoming) if self.stats.mode == "precopy" else None
         pages = None
-        if self.stream:  # CRIU writes the memory there while it dumps
-            with self._step("page server"):  # (after pre-copy: only what is dirty since)
-                pages = self._page_server(agent, rsync, "images")
+        if self.stats.mode == "lazy":  # the target's lazy-pages daemon will fetch the memory through it
+            with self._step("page connection"):
+                pages = self._connect_pages(agent, rsync, incoming, "page_link")
+        elif self.stream:  # CRIU writes the memory there while it dumps (after pre-copy: what is dirty since)
+            with self._step("page connection"):
+                pages = self._connect_pages(agent, rsync, incoming, "page_server", folder="images")
+        try:
+            self._checkpoint(agent, rsync, rec, cdir, outgoing, incoming, pages, parent)
+        finally:
+            if pages is not None:
+                pages.close()
+
+    def _checkpoint(self, agent: Agent, rsync: Rsync, rec, cdir: Path, outgoing: Path, incoming: str,
+                    pages: socket.socket | None, parent: str | None) -> None:
+        """From the freeze to the commit."""
         self._begin("checkpoint")
         agent.proc.check()  # an agent known gone already is found before anything freezes
         self.freeze_started = time.monotonic()
         self.frozen_until = self.freeze_started + self.freeze_timeout
         if self.stats.mode == "lazy":
-            self._freeze_lazy(agent, session, rec, outgoing, lambda: self._ship(rsync, cdir, outgoing, incoming))
+            self._freeze_lazy(agent, rsync, rec, outgoing, pages, lambda: self._ship(rsync, cdir, outgoing, incoming))
         else:
             def on_frozen() -> None:
                 try:
@@ -290,23 +301,18 @@ class Migration:
                     self._end_target_copy(agent, rec)  # before CRIU resumes the source
                     raise
 
-            try:
-                dump(rec, outgoing, leave_running=False, on_frozen=on_frozen,
-                     page_server_port=pages[0] if pages else None, parent_images=parent)
-            finally:
-                if pages is not None:
-                    rsync.cancel_forward(*pages)
+            dump(rec, outgoing, leave_running=False, on_frozen=on_frozen,
+                 page_socket=pages.fileno() if pages is not None else None, parent_images=parent)
             if pages is not None:
                 with contextlib.suppress(OSError, CriuError):  # a figure: the move is done whether known or not
                     self.stats.bytes["pages"] += pages_written(outgoing / "images" / "stats-dump") * precopy.PAGE_SIZE
 
-    def _page_server(self, agent: Agent, rsync: Rsync, folder: str) -> tuple[int, int]:
-        """A page server on the target for one pre-copy round, reached through the shared SSH
-        connection: (port here, port there)."""
-        there = agent.call("page_server", name=self.name, folder=folder)["port"]
-        return rsync.forward(there), there
+    def _connect_pages(self, agent: Agent, rsync: Rsync, incoming: str, op: str, **args) -> socket.socket:
+        """The page connection to the target (migrate/pagelink.py), where the agent's OP takes it:
+        `page_server` starts a page server on it, `page_link` keeps it for the lazy restore."""
+        return pagelink.connect(rsync, incoming, lambda path: agent.call(op, name=self.name, socket=path, **args))
 
-    def _precopy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path) -> str:
+    def _precopy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path, incoming: str) -> str:
         """Pre-dump rounds while the container runs, each sending what was dirtied since the one
         before, until a stop rule (migrate/precopy.py) says to freeze. Returns the last round's
         folder, relative to the final dump's images, which sends only what is dirty since."""
@@ -316,13 +322,10 @@ class Migration:
             outgoing.mkdir(mode=0o700)
             while True:
                 folder = f"pre-{len(rounds) + 1}"
-                local, there = self._page_server(agent, rsync, folder)
                 started = time.monotonic()
-                try:
-                    written = pre_dump(rec, outgoing / folder, local, parent)
-                    agent.call("page_server_done", name=self.name, timeout=90, timeout_s=60)
-                finally:
-                    rsync.cancel_forward(local, there)
+                with self._connect_pages(agent, rsync, incoming, "page_server", folder=folder) as pages:
+                    written = pre_dump(rec, outgoing / folder, pages.fileno(), parent)
+                agent.call("page_server_done", name=self.name, timeout=90, timeout_s=60)
                 rounds.append(precopy.Round(written, time.monotonic() - started))
                 self.stats.bytes["pre-copy"] += written * precopy.PAGE_SIZE
                 parent = f"../{folder}"
@@ -360,13 +363,19 @@ class Migration:
             self.stats.bytes["images"] += min(sent, image_bytes)
             self.stats.bytes["upper"] += max(0, sent - image_bytes)
 
-    def _wait_pages(self, agent: Agent, tunnel: ReverseTunnel, expected: int) -> None:
-        """The target fetches memory while it runs; show how far it got while we wait."""
+    def _wait_pages(self, agent: Agent, master: int | None, start: int | None) -> None:
+        """The target fetches memory while it runs; show how far it got while we wait: what the
+        shared SSH connection (its ssh process MASTER) has read since START, before the restore,
+        is the pages, which come through the page connection."""
+        def moved() -> int:
+            now = procfs.bytes_read(master)
+            return now - start if now is not None and start is not None else 0
+
         done = threading.Event()
-        with DelayedProgress("memory pages", expected) as progress:
+        with DelayedProgress("memory pages", self.memory) as progress:
             def watch() -> None:
                 while not done.wait(0.2):
-                    progress.update(tunnel.bytes_to_remote)
+                    progress.update(moved())
 
             watcher = threading.Thread(target=watch, name="pages-progress", daemon=True)
             watcher.start()
@@ -379,6 +388,7 @@ class Migration:
                 self.copy_deadline = time.monotonic() + COMMIT_WINDOW
                 done.set()
                 watcher.join(1.0)
+        self.stats.bytes["pages"] += moved()
 
     def _commit(self, agent: Agent, rec) -> None:
         """The target owns the container from its decision on; only then may the source go.
@@ -446,21 +456,28 @@ class Migration:
         if self.copy_deadline is not None:  # lazy mode before the last page: the reset that follows ends it
             time.sleep(max(0.0, self.copy_deadline - time.monotonic()) + 1.0)
 
-    def _freeze_lazy(self, agent: Agent, session: SSHSession, rec, outgoing: Path, ship) -> None:
+    def _freeze_lazy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path, pages: socket.socket, ship) -> None:
         """Post-copy: CRIU dumps all but memory (shipped by `ship` in post-dump, frozen), then serves
-        pages on a local port that the target reaches through a tunnel in the SSH connection.
+        it on the page connection to the target's lazy-pages daemon, and returns once that has
+        every page (or the connection ends); so the dump runs in a thread.
 
-        The dump call lasts until every page is sent, so it runs in a thread. Until the commit a
-        failure resets the page connection: CRIU fails the dump and resumes the source. After it,
-        a clean end of that connection tells CRIU to end the source tree (docs/lazy-migration.md).
+        From post-dump on the cgroup freezer holds the tree too, and CRIU leaves it running when
+        it is done, whether the transfer worked or not: what becomes of the source is decided
+        here alone, after the target's answer. It is killed once the target has committed, and
+        thawed once the target's copy is known to be gone (docs/lazy-migration.md).
         """
-        port = linux.free_local_port()
+        cgroups = Cgroups(rec.cgroups)
         outcome: dict = {}
         ready = threading.Event()
 
+        def frozen() -> None:
+            ship()
+            cgroups.freeze(wait=False)  # CRIU holds the tree: it freezes as CRIU lets it go
+
         def run_dump() -> None:
             try:
-                dump(rec, outgoing, leave_running=False, on_frozen=ship, lazy_port=port,
+                dump(rec, outgoing, leave_running=True, on_frozen=frozen, lazy=True,
+                     page_socket=pages.fileno(),
                      on_notify=lambda script: ready.set() if script == "status-ready" else None,
                      on_criu=lambda pid: outcome.__setitem__("criu", pid))
             except BaseException as e:  # noqa: BLE001 - handed to the controller's thread
@@ -468,38 +485,49 @@ class Migration:
             finally:
                 ready.set()
 
-        with ReverseTunnel(session.transport, port, hold_remote_eof=True, what=self.spec.alias) as tunnel:
-            thread = threading.Thread(target=run_dump, name="criu-lazy-dump", daemon=True)
-            thread.start()
+        thread = threading.Thread(target=run_dump, name="criu-lazy-dump", daemon=True)
+        thread.start()
+        try:
             ready.wait()
             if "error" in outcome:
-                raise outcome["error"]  # CRIU has resumed the source
-            faults.point("page-server-ready")  # CRIU serves pages, nobody has connected yet
-            try:
-                with self._step("restore"), self.stats.phase("restore"):
-                    self.restore_asked = True
-                    agent.call("restore", name=self.name, lazy_port=tunnel.remote_port, timeout=self._left())
-                self.stats.downtime = time.monotonic() - self.freeze_started
-                with self._step("memory pages"), self.stats.phase("pages (running)"):
-                    self._wait_pages(agent, tunnel, self.memory)
-                self._commit(agent, rec)
-            except BaseException as e:
-                if not isinstance(e, InDoubt):
-                    self._end_target_copy(agent, rec)  # may find it in doubt: then it stays frozen
-                tunnel.release(False)  # a reset: CRIU fails the dump and resumes the source
-                if tunnel.stats().connections == 0:  # the target never reached the page server
-                    abort_lazy_dump(port)
-                thread.join(DUMP_JOIN_TIMEOUT)
-                if thread.is_alive():  # last resort: without its tracer the frozen tree runs on
-                    linux.send_signal(outcome.get("criu"), signal.SIGKILL)
-                    thread.join(DUMP_JOIN_TIMEOUT)
+                raise outcome["error"]
+            faults.point("page-server-ready")  # CRIU serves pages, the target has not asked for any
+            master = rsync.master_pid()
+            start = procfs.bytes_read(master)
+            with self._step("restore"), self.stats.phase("restore"):
+                self.restore_asked = True
+                agent.call("restore", name=self.name, lazy=True, timeout=self._left())
+            self.stats.downtime = time.monotonic() - self.freeze_started
+            with self._step("memory pages"), self.stats.phase("pages (running)"):
+                self._wait_pages(agent, master, start)
+            self._commit(agent, rec)
+        except BaseException as e:
+            doubt = e if isinstance(e, InDoubt) else None
+            if doubt is None:
+                try:
+                    self._end_target_copy(agent, rec)
+                except InDoubt as found:
+                    doubt = found
+            self._end_lazy_dump(pages, thread, outcome)
+            if doubt is None:
+                cgroups.thaw()  # the target's copy is gone: the source runs on
                 raise
-            tunnel.release(True)  # a clean end: CRIU ends the source tree and the dump returns
+            if doubt is not e:
+                raise doubt from e
+            raise
+        self._end_lazy_dump(pages, thread, outcome)
+        cgroups.kill()  # the target has committed: the source's tree ends (frozen, it dies of SIGKILL too)
+
+    @staticmethod
+    def _end_lazy_dump(pages: socket.socket, thread: threading.Thread, outcome: dict) -> None:
+        """CRIU's page server sees the page connection end (if it still serves: after the last
+        page it has ended already) and lets the tree go, which the freezer holds."""
+        with contextlib.suppress(OSError):
+            pages.shutdown(socket.SHUT_RDWR)
+        thread.join(DUMP_JOIN_TIMEOUT)
+        if thread.is_alive():  # last resort: CRIU's cleanup is skipped, the freezer still holds the tree
+            linux.send_signal(outcome.get("criu"), signal.SIGKILL)
             thread.join(DUMP_JOIN_TIMEOUT)
-            self.stats.bytes["pages"] += tunnel.bytes_to_remote
-        if thread.is_alive() or "error" in outcome:
-            raise MigrateError(f"{self.name} runs on {self.spec.alias}, but CRIU on this host did not finish "
-                               f"cleanly: {outcome.get('error', 'timeout')}; check for a second copy here")
 
     def _roll_back(self, agent: Agent) -> None:
         """The source is running again (CRIU resumed it); undo the target's side, best effort."""

@@ -30,9 +30,10 @@ STEPS = (
     Step("pre-copy", "pre-copy mode: rounds of pre-dumps send the memory dirtied since the round before to a "
          "page server on the target, while the container runs",
          False, "source", "the target's page server and rounds go with its incoming folder"),
-    Step("page server", "copy and pre-copy mode: a CRIU page server on the target, reached through the SSH "
-         "connection, to receive the memory as the final dump writes it",
-         False, "source", "the page server goes with the incoming folder"),
+    Step("page connection", "a socket between the two hosts' CRIUs through the SSH connection (unix sockets only "
+         "root can reach at both ends, no TCP port): in copy and pre-copy mode a page server on the target takes "
+         "the memory as the final dump writes it; in lazy mode the target keeps it for its lazy-pages daemon",
+         False, "source", "the connection is closed; a page server goes with the incoming folder"),
     Step("checkpoint", "CRIU dumps the container, its memory straight to the target (but in lazy mode); from "
          "here the source is frozen",
          True, "source", "CRIU resumes the source; if the controller died, the next command here does"),
@@ -42,13 +43,16 @@ STEPS = (
          "commit arrives within the freeze deadline)",
          True, "source", "the target's copy is ended (by the agent, its fence or its deadline) before the "
          "source resumes"),
-    Step("memory pages", "lazy mode: the target's copy runs and fetches the memory it touches; the rest streams",
-         True, "source", "the target's copy is killed (it must not run without its pages); the source resumes"),
+    Step("memory pages", "lazy mode: the target's copy runs and fetches the memory it touches; the rest streams. "
+         "CRIU lets the source go when done, but its cgroup freezer holds it from the checkpoint on",
+         True, "source", "the target's copy is killed (it must not run without its pages); then the source is "
+         "thawed"),
     Step("commit", "the source is frozen by its cgroup too; the target checks its copy, writes `committed` "
          "in its journal (durable) and tells its shim",
          True, "target", "a lost answer is asked for again on a new connection; if the target cannot be "
          "reached, the source stays frozen (`in-doubt`) until `migrate recover` learns the outcome"),
-    Step("cleanup", "CRIU ends the source's tree; its record, folders, mounts and cgroups go",
+    Step("cleanup", "the source's tree ends (CRIU ends it; in lazy mode it is killed); its record, folders, "
+         "mounts and cgroups go",
          False, "target", "`migrate recover` (or the next command here) finishes it"),
 )
 NAMES = frozenset(s.name for s in STEPS)

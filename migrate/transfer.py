@@ -18,7 +18,6 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from runtime import linux
 from runtime.errors import RemoteError
 
 from .hosts import HostSpec
@@ -129,22 +128,29 @@ class Rsync:
         m = _SENT.search(b"\n".join(output).decode(errors="replace"))
         return int(m.group(1).replace(",", "")) if m else 0
 
-    def forward(self, remote_port: int) -> int:
-        """A port here forwarded, in the shared SSH connection, to 127.0.0.1:REMOTE_PORT there (a
-        pre-copy page server): no new login, and OpenSSH's speed. Returns the port here."""
-        local = linux.free_local_port()
-        self._forwarding("forward", local, remote_port)
-        return local
+    def forward_socket(self, remote: str, local: Path) -> None:
+        """The unix socket REMOTE there (made by sshd, mode 0600) forwarded, in the shared SSH
+        connection, to the one listening at LOCAL here: no new login, no TCP port on either host,
+        and OpenSSH's speed."""
+        self._forwarding("forward", f"{remote}:{local}")
 
-    def cancel_forward(self, local_port: int, remote_port: int) -> None:
+    def cancel_socket_forward(self, remote: str, local: Path) -> None:
+        """Stop the forward: connections made through it go on."""
         with contextlib.suppress(RemoteError):
-            self._forwarding("cancel", local_port, remote_port)
+            self._forwarding("cancel", f"{remote}:{local}")
 
-    def _forwarding(self, command: str, local_port: int, remote_port: int) -> None:
-        p = subprocess.run([*self.ssh_argv(), "-O", command, "-L", f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
-                            self.spec.alias], capture_output=True, text=True, timeout=30)
+    def master_pid(self) -> int | None:
+        """The PID of the shared connection's ssh (what every forward goes through), if it runs."""
+        p = subprocess.run([*self.ssh_argv(), "-O", "check", self.spec.alias], capture_output=True, text=True,
+                           timeout=30)
+        m = re.search(r"pid=(\d+)", p.stderr + p.stdout)
+        return int(m.group(1)) if p.returncode == 0 and m else None
+
+    def _forwarding(self, command: str, forward: str) -> None:
+        p = subprocess.run([*self.ssh_argv(), "-O", command, "-R", forward, self.spec.alias],
+                           capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
-            raise RemoteError(f"cannot {command} a port to {self.spec.alias}: {p.stderr.strip() or p.returncode}")
+            raise RemoteError(f"cannot {command} a socket to {self.spec.alias}: {p.stderr.strip() or p.returncode}")
 
     def close(self) -> None:
         """End the shared SSH connection."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import procfs
 from .errors import CriuError
 
 MAX_MESSAGE = 1 << 20
@@ -61,7 +62,9 @@ class DumpOptions:
     file_locks: bool = True
     tcp_established: bool = True  # connections between the container's own processes
     lazy_pages: bool = False
-    page_server: tuple[str, int] | None = None
+    # the page connection: a socket connected to the other host's CRIU (a page server there, or
+    # in lazy mode its lazy-pages daemon); memory goes through it, not into the images
+    page_socket: int | None = None
     # pre-copy: a pre-dump (memory only, the tree runs on), or a dump that sends only the pages
     # dirtied since the images in parent_images (relative to the images folder) were written
     pre_dump: bool = False
@@ -122,8 +125,8 @@ def dump_request(opts: DumpOptions, images_fd: int):
     # their clients see a reset, as if the server had been a moment slower
     req.opts.tcp_skip_in_flight = True
     req.opts.irmap_scan_paths.extend(opts.irmap_scan_paths)
-    if opts.page_server:
-        req.opts.ps.address, req.opts.ps.port = opts.page_server
+    if opts.page_socket is not None and not opts.lazy_pages:
+        req.opts.ps.fd = opts.page_socket
     if opts.freeze_cgroup:
         req.opts.freeze_cgroup = opts.freeze_cgroup
     return req
@@ -240,13 +243,6 @@ class _Session:
             self.proc.wait()
 
 
-def abort_lazy_dump(port: int) -> None:
-    """Make a lazy dump whose page server nobody has connected to yet fail, so CRIU resumes the
-    source: connect and reset. A clean close would read as "all pages sent" and end the source."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 def _dump_stats(stats: Path):
     """A dump's or pre-dump's stats: its stats-dump image is two magics (service image, stats),
     a size and one stats_entry. Parsed here: pycriu's own reader (pb2dict) does not work with
@@ -280,17 +276,19 @@ PAGES_STALL = 60.0  # seconds without a page arriving before a lazy transfer cou
 
 
 class _Daemon:
-    """A criu that serves the other host (lazy-pages, page-server): started with a status fd,
-    on which it writes one zero byte once it listens; its log in its images folder."""
+    """A criu that serves the other host (lazy-pages, page-server) on the page connection
+    (`--ps-socket`, a socket already connected to the other host's CRIU): started with a status
+    fd, on which it writes one zero byte once it is ready; its log in its images folder."""
 
     what = "criu"
 
-    def __init__(self, argv: list[str], log: Path, timeout: float = 30.0):
+    def __init__(self, argv: list[str], page_socket: int, log: Path, timeout: float = 30.0):
         status_r, status_w = os.pipe()
         self.log = log
         self.proc = subprocess.Popen(
-            [*argv, "-o", log.name, "-v4", "--status-fd", str(status_w)],
-            pass_fds=(status_w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [*argv, "--ps-socket", str(page_socket), "-o", log.name, "-v4", "--status-fd", str(status_w)],
+            pass_fds=(status_w, page_socket), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(status_w)
         try:
@@ -318,10 +316,9 @@ class PageServer(_Daemon):
 
     what = "criu page-server"
 
-    def __init__(self, binary: str, images_dir: Path, port: int, parent: str | None = None):
-        argv = [binary, "page-server", "-D", str(images_dir), "--address", "127.0.0.1", "--port", str(port),
-                *(["--prev-images-dir", parent] if parent else [])]
-        super().__init__(argv, images_dir / "page-server.log")
+    def __init__(self, binary: str, images_dir: Path, page_socket: int, parent: str | None = None):
+        argv = [binary, "page-server", "-D", str(images_dir), *(["--prev-images-dir", parent] if parent else [])]
+        super().__init__(argv, page_socket, images_dir / "page-server.log")
 
     def wait(self, timeout: float) -> None:
         """Until the round's pages are all in (CriuError if it failed or took past TIMEOUT)."""
@@ -345,9 +342,9 @@ class LazyPagesDaemon(_Daemon):
 
     what = "criu lazy-pages"
 
-    def __init__(self, binary: str, images_dir: Path, port: int):
-        super().__init__([binary, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
-                          "-D", str(images_dir)], images_dir / "lazy-pages.log")
+    def __init__(self, binary: str, images_dir: Path, page_socket: int):
+        super().__init__([binary, "lazy-pages", "--page-server", "-D", str(images_dir)], page_socket,
+                         images_dir / "lazy-pages.log")
 
     def wait(self, timeout: float, stall: float = PAGES_STALL) -> int:
         """Its exit status; it is killed when it makes no progress for `stall` seconds (its log,
@@ -361,7 +358,7 @@ class LazyPagesDaemon(_Daemon):
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            progress = (_size(self.log), _bytes_read(self.proc.pid))
+            progress = (_size(self.log), procfs.bytes_read(self.proc.pid))
             if progress != mark:
                 mark, since = progress, now
             elif now - since > stall:
@@ -379,18 +376,6 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
-
-
-def _bytes_read(pid: int) -> int | None:
-    """What the process has read so far, sockets included (/proc/PID/io rchar)."""
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("rchar:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _mtime(path: Path) -> int | None:
@@ -438,18 +423,30 @@ class Criu:
 
     def dump(self, opts: DumpOptions, images_dir: Path, on_notify=None, on_spawn=None) -> None:
         """Checkpoint the tree at opts.pid; on_notify(script, pid) runs while CRIU waits (tree frozen)."""
-        self._run("dump", dump_request, opts, images_dir, on_notify, on_spawn)
+        build = dump_request
+        if opts.lazy_pages and opts.page_socket is not None:
+            # CRIU's RPC takes a connected page socket (ps.fd) only for dumps that are not lazy;
+            # an RPC config file reaches every option, --ps-socket too
+            conf = images_dir / "page-socket.conf"
+            conf.write_text(f"ps-socket {opts.page_socket}\n")
+
+            def build(o, fd):
+                req = dump_request(o, fd)
+                req.opts.config_file = str(conf)
+                return req
+        self._run("dump", build, opts, images_dir, on_notify, on_spawn,
+                  extra_fds=() if opts.page_socket is None else (opts.page_socket,))
         if not opts.leave_running:
             release_network_lock(images_dir / opts.log_file, opts.pid)
 
     def pre_dump(self, opts: DumpOptions, images_dir: Path) -> int:
         """One pre-copy round (opts.pre_dump): the pages dirtied since opts.parent_images go to
-        the page server at opts.page_server while the tree runs on. Returns how many it sent."""
-        self._run("pre-dump", dump_request, opts, images_dir, None)
+        the page connection (opts.page_socket) while the tree runs on. Returns how many it sent."""
+        self._run("pre-dump", dump_request, opts, images_dir, None, extra_fds=(opts.page_socket,))
         return pages_written(images_dir / "stats-dump")
 
-    def page_server(self, images_dir: Path, port: int, parent: str | None = None) -> PageServer:
-        return PageServer(self.binary, images_dir, port, parent)
+    def page_server(self, images_dir: Path, page_socket: int, parent: str | None = None) -> PageServer:
+        return PageServer(self.binary, images_dir, page_socket, parent)
 
     def restore(self, opts: RestoreOptions, images_dir: Path, on_notify=None, on_spawn=None) -> int:
         """Restore; returns the host PID of the restored init, which is our child."""
@@ -479,8 +476,8 @@ class Criu:
             raise CriuError(f"CRIU {what} failed: {detail}", log=log, op=what)
         return resp
 
-    def lazy_pages(self, images_dir: Path, port: int) -> LazyPagesDaemon:
-        return LazyPagesDaemon(self.binary, images_dir, port)
+    def lazy_pages(self, images_dir: Path, page_socket: int) -> LazyPagesDaemon:
+        return LazyPagesDaemon(self.binary, images_dir, page_socket)
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=30).stdout

@@ -258,3 +258,15 @@ def open_databases(pids: Iterable[int]) -> list[str]:
             except OSError:
                 pass
     return sorted(found)
+
+
+def bytes_read(pid: int | None) -> int | None:
+    """What the process has read so far, sockets included (/proc/PID/io rchar); None if gone."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None

@@ -107,24 +107,24 @@ def dump_blocker(rec: ContainerRecord) -> str | None:
 
 
 def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
-         on_notify: Callable[[str], None] | None = None, lazy_port: int | None = None,
-         on_criu: Callable[[int], None] | None = None, page_server_port: int | None = None,
+         on_notify: Callable[[str], None] | None = None, lazy: bool = False,
+         on_criu: Callable[[int], None] | None = None, page_socket: int | None = None,
          parent_images: str | None = None, freeze_cgroup: str | None = None) -> None:
     """Checkpoint a running container into the new folder sdir (images, spec, stdio identities).
 
     on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
     CRIU resumes the tree and the dump fails. Any other notification goes to on_notify.
-    With lazy_port, memory stays out of the images: after post-dump CRIU serves it from a page
-    server on 127.0.0.1:lazy_port (announced by `status-ready`) and returns once it is all sent.
-    on_criu gets the PID of the dumping criu: killing it is the last resort to resume a tree it
-    holds frozen. With page_server_port (pre-copy), memory goes to the page server reached at
-    127.0.0.1:page_server_port, only what was dirtied since the pre-dump in parent_images.
-    freeze_cgroup: the tree is held by that freezer (see dump_held).
+    With page_socket (the page connection to the other host's CRIU), memory stays out of the
+    images: it goes to the page server there as CRIU dumps (only what was dirtied since the
+    pre-dump in parent_images, if given); or, when lazy, CRIU serves it after post-dump (from
+    `status-ready` on) to the lazy-pages daemon there, and returns once that has ended the
+    connection. on_criu gets the PID of the dumping criu: killing it is the last resort to resume
+    a tree it holds frozen. freeze_cgroup: the tree is held by that freezer (see dump_held).
     """
     sdir.mkdir(mode=0o700, exist_ok=True)
     (sdir / "images").mkdir(mode=0o700)
     (sdir / SPEC_FILE).write_text(rec.spec.to_json())
-    memory_here = lazy_port is None and page_server_port is None  # else the images lack it
+    memory_here = page_socket is None  # else the images lack it
     (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid), "memory_here": memory_here}))
 
     def notified(script: str, _pid: int) -> None:
@@ -133,14 +133,13 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
         elif on_notify is not None:
             on_notify(script)
 
-    port = lazy_port if lazy_port is not None else page_server_port
     opts = DumpOptions(
         pid=rec.pid,
         leave_running=leave_running,
         irmap_scan_paths=irmap_scan_paths(Path(f"/proc/{rec.pid}/root")),
         external=_externals(rec),
-        lazy_pages=lazy_port is not None,
-        page_server=("127.0.0.1", port) if port is not None else None,
+        lazy_pages=lazy,
+        page_socket=page_socket,
         parent_images=parent_images,
         freeze_cgroup=freeze_cgroup,
     )
@@ -157,13 +156,13 @@ def dump_held(rec: ContainerRecord, sdir: Path) -> None:
     dump(rec, sdir, leave_running=True, on_frozen=lambda: None, freeze_cgroup=Cgroups(rec.cgroups).paths.get("unified"))
 
 
-def pre_dump(rec: ContainerRecord, folder: Path, page_server_port: int, parent: str | None) -> int:
+def pre_dump(rec: ContainerRecord, folder: Path, page_socket: int, parent: str | None) -> int:
     """A pre-copy round into the new FOLDER: the pages dirtied since the round in PARENT (all
-    of them in the first) go to the page server at 127.0.0.1:page_server_port while the
-    container runs on. Returns how many pages were sent."""
+    of them in the first) go through the page connection page_socket while the container runs
+    on. Returns how many pages were sent."""
     folder.mkdir(mode=0o700)
     opts = DumpOptions(pid=rec.pid, external=_externals(rec), pre_dump=True, log_file="pre-dump.log",
-                       page_server=("127.0.0.1", page_server_port), parent_images=parent)
+                       page_socket=page_socket, parent_images=parent)
     return Criu().pre_dump(opts, folder)
 
 

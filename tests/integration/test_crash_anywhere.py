@@ -14,8 +14,8 @@ from migrate.steps import STEPS
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
-TARGET_STEPS = ("prepare", "layers", "preload", "page server", "restore", "memory pages", "commit")
-ONLY_IN = {"memory pages": "lazy", "page server": "copy"}
+TARGET_STEPS = ("prepare", "layers", "preload", "page connection", "restore", "memory pages", "commit")
+ONLY_IN = {"memory pages": "lazy"}
 
 
 def _cases():

@@ -20,9 +20,17 @@ def test_dump_request():
     assert o.file_locks and not o.HasField("lazy_pages") and not o.HasField("ps")
 
 
-def test_dump_request_lazy_with_page_server():
-    req = dump_request(DumpOptions(pid=1, lazy_pages=True, page_server=("127.0.0.1", 27000)), images_fd=3)
-    assert req.opts.lazy_pages and req.opts.ps.address == "127.0.0.1" and req.opts.ps.port == 27000
+def test_dump_request_gives_criu_the_page_connection():
+    req = dump_request(DumpOptions(pid=1, page_socket=9), images_fd=3)
+    assert req.opts.ps.fd == 9 and not req.opts.ps.HasField("port") and not req.opts.ps.address
+    rpc.criu_req.FromString(req.SerializeToString())
+
+
+def test_dump_request_lazy_leaves_the_page_connection_to_the_config_file():
+    """cr-service reads ps.fd only for dumps that are not lazy (Criu.dump writes --ps-socket into
+    an RPC config file instead): a lazy request must not carry a ps that would bind a port."""
+    req = dump_request(DumpOptions(pid=1, lazy_pages=True, page_socket=9), images_fd=3)
+    assert req.opts.lazy_pages and not req.opts.HasField("ps")
 
 
 def test_restore_request():
@@ -148,12 +156,11 @@ def test_the_pages_a_dump_wrote_are_read_from_its_stats_image(tmp_path: Path):
 
 
 def test_pre_copy_requests_track_memory_against_their_parent():
-    pre = dump_request(DumpOptions(pid=9, pre_dump=True, parent_images="../pre-1",
-                                   page_server=("127.0.0.1", 4000)), images_fd=3)
+    pre = dump_request(DumpOptions(pid=9, pre_dump=True, parent_images="../pre-1", page_socket=6), images_fd=3)
     assert pre.type == rpc.SINGLE_PRE_DUMP and pre.opts.track_mem and pre.opts.parent_img == "../pre-1"
-    assert (pre.opts.ps.address, pre.opts.ps.port) == ("127.0.0.1", 4000) and not pre.opts.lazy_pages
+    assert pre.opts.ps.fd == 6 and not pre.opts.lazy_pages
     assert not pre.opts.HasField("pre_dump_mode")  # splice: VM_READ broke restores with CRIU 3.17
-    final = dump_request(DumpOptions(pid=9, parent_images="../pre-2", page_server=("127.0.0.1", 4001)), images_fd=3)
+    final = dump_request(DumpOptions(pid=9, parent_images="../pre-2", page_socket=6), images_fd=3)
     assert final.type == rpc.DUMP and final.opts.track_mem and final.opts.parent_img == "../pre-2"
     plain = dump_request(DumpOptions(pid=9), images_fd=3)
     assert not plain.opts.track_mem and not plain.opts.HasField("parent_img")
