@@ -108,6 +108,16 @@ def test_an_abort_keeps_layers_a_container_here_uses(rt, agent):
     assert rt.layers.digests() == [L2]
 
 
+def test_a_spec_whose_volume_climbs_out_with_dotdot_is_refused_before_any_record(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    spec = json.loads(ContainerSpec("c1", "img:latest", "sha256:" + "9" * 64, (L1,), ("sh",)).to_json())
+    spec["volumes"] = [{"host_path": "/srv", "container_path": "/data/../../etc", "read_only": False}]
+    with pytest.raises(InvalidInput, match="'..' is not allowed"):
+        agent.handle({"op": "preload", "name": "c1", "spec": json.dumps(spec)})
+    assert rt.catalog.find_container("c1") is None and agent.shims == []
+
+
 def restored_running(rt, agent, pid: int) -> None:
     """What a restore leaves: the record running with its init's PID (here: a stand-in)."""
     agent.handle({"op": "preload", "name": "c1", "spec": spec()})
