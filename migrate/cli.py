@@ -335,7 +335,7 @@ def _restore(rt: Runtime, a) -> int:
             rec = snapshots.restore(name, tcp_close=a.tcp_close)
         except MigrateError as e:
             failed += 1
-            output.err.print(f"migrate: error: {name}: {e}", markup=False)
+            output.print_error(f"{name}: {e}")
         else:
             output.out.print(f"{rec.name} running (pid {rec.pid})")
     if not lost:
@@ -373,9 +373,9 @@ def _recover(rt: Runtime, a) -> int:
     else:
         for o in outcomes:
             if o.result == "in-doubt":  # still undecided: the one thing here that failed
-                output.err.print(f"migrate: error: {o.message}", markup=False)
+                output.print_error(o.message)
             else:
-                output.out.print(o.message, markup=False)
+                output.out.print(output.printable(o.message), markup=False)
         if not outcomes:
             output.out.print("nothing to recover here")
     return InDoubt.exit_code if any(o.result == "in-doubt" for o in outcomes) else 0
@@ -402,7 +402,7 @@ def dispatch(a) -> int:
     try:
         if a.verb != "agent":  # the records of this host tell the truth before anything acts on them
             for note in rt.reconcile():
-                output.err.print(f"migrate: note: {note}", markup=False)
+                output.print_note(note)
         if a.verb in WAIT_FOR_SNAPSHOT and getattr(a, "name", None):
             rt.await_snapshot(a.name)
         if a.verb == "image":
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(_with_default_verb(sys.argv[1:] if argv is None else argv))
     except MigrateError as e:  # raised by a type= converter such as parse_size
-        output.err.print(f"migrate: error: {e}", markup=False)
+        output.print_error(str(e))
         return e.exit_code
     if os.geteuid() != 0 and args.verb not in (None,):
         output.err.print("migrate: error: must run as root (namespaces, mounts and CRIU need it)")
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except MigrateError as e:
-        output.err.print(f"migrate: error: {e}", markup=False)
+        output.print_error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         output.err.print("migrate: interrupted")
@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
         if os.environ.get("MIGRATE_DEBUG"):
             traceback.print_exc()
-        output.err.print(f"migrate: internal error: {type(e).__name__}: {e} (set MIGRATE_DEBUG=1 for details)",
-                         markup=False)
+        output.err.print(f"migrate: internal error: {type(e).__name__}: {output.printable(str(e))} "
+                         "(set MIGRATE_DEBUG=1 for details)", markup=False)
         return 1
 
 

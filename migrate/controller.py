@@ -35,7 +35,7 @@ from .ssh import RemoteProcess, SSHSession
 from .stats import MigrationStats
 from .transfer import DelayedProgress, Rsync, missing_layers
 
-AGENT_TIMEOUT = 300.0
+AGENT_TIMEOUT = 150.0  # an agent step that moves no data: starting a shim (SHIM_TIMEOUT) or undoing, at most
 DUMP_JOIN_TIMEOUT = 60.0
 PAGES_TIMEOUT = 3600.0  # a lazy page transfer longer than this is treated as failed
 FREEZE_TIMEOUT = 120.0  # default bound on the source's frozen window (copy mode: until the commit)

@@ -294,8 +294,8 @@ def _error(rc: int, err: str) -> str:
 def _progress(e: Entry) -> None:
     where = f" to {e.target}" if e.target else ""
     took = f" (downtime {e.downtime_s:.3f} s)" if e.downtime_s is not None else ""
-    output.err.print(f"migrate: {e.name}: {e.result}{where}{took}" + (f": {e.reason}" if e.reason else ""),
-                     markup=False)
+    reason = f": {output.printable(e.reason)}" if e.reason else ""
+    output.err.print(f"migrate: {e.name}: {e.result}{where}{took}{reason}", markup=False)
 
 
 class Children:
@@ -350,7 +350,7 @@ def relay(d: Drain) -> dict:
         report = None
     if isinstance(report, dict) and "containers" in report:
         for line in text.splitlines():  # its notes
-            output.err.print(line, markup=False)
+            output.err.print(output.printable(line), markup=False)
         return report
     message = f"`migrate drain` on {d.host}: {_error(rc, text)}"
     raise error_for(rc, message) if 0 < rc < InDoubt.exit_code else RemoteError(message)
@@ -368,7 +368,6 @@ def print_report(report: dict, as_json: bool) -> None:
           c["snapshot"] and f"snapshot {c['snapshot']}" or c["reason"] or None) for c in report["containers"]])
     stay = [c["name"] for c in report["containers"] if c["result"] in ("failed", "in-doubt")]
     if stay:
-        output.err.print(f"migrate: error: {len(stay)} container(s) stay on {report['host']}: {', '.join(stay)}",
-                         markup=False)
+        output.print_error(f"{len(stay)} container(s) stay on {report['host']}: {', '.join(stay)}")
     elif report["dry_run"]:
-        output.out.print(f"dry run: nothing was changed on {report['host']}")
+        output.out.print(f"dry run: nothing was changed on {output.printable(report['host'])}", markup=False)

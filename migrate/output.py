@@ -1,15 +1,33 @@
 """How results reach the user: rich tables for people, JSON for scripts."""
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Terminal escapes whole (CSI, OSC, DCS/SOS/PM/APC strings, two-byte ESC sequences, 8-bit CSI/OSC),
+# then any other C0 or C1 control but tab and newline. rich strips only a few of them (REVIEW S7).
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+
+def printable(text: str) -> str:
+    """TEXT without terminal escapes or control characters (tab and newline kept): what reaches
+    the terminal from another host (an agent's error, a remote stderr line) must not move the
+    cursor, retitle the window, rewrite what was printed before or plant a clickable link."""
+    return _ESCAPES.sub("", text)
 
 
 def human_size(n: int | None) -> str:
@@ -59,9 +77,13 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Non
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*("-" if v is None else str(v) for v in r))
+        table.add_row(*(Text("-" if v is None else printable(str(v))) for v in r))  # cells may come from a peer
     out.print(table)
 
 
+def print_error(text: str) -> None:
+    err.print(f"migrate: error: {printable(text)}", markup=False)
+
+
 def print_note(text: str) -> None:
-    err.print(f"migrate: note: {text}", markup=False)
+    err.print(f"migrate: note: {printable(text)}", markup=False)

@@ -29,6 +29,8 @@ from runtime.errors import InvalidInput, PeerLost, RemoteError
 __all__ = ["RemoteProcess", "SSHSession", "rsync_ssh_command", "rsync_target"]
 
 _CHUNK = 65536
+_TAIL_LINE = 1000  # bytes kept of each line of the peer's stderr tail
+_TOO_LONG = object()  # queued in place of a line past MAX_LINE
 KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the connection is dead
 KEEPALIVE_COUNT = 3
 
@@ -161,10 +163,10 @@ class RemoteProcess:
         self._heard = time.monotonic()  # when the peer last sent anything, a heartbeat included
         self._heartbeat: Heartbeat | None = None
         self._ended = threading.Event()  # the peer's output reached its end
-        self._lines: queue.Queue[bytes | None] = queue.Queue()
-        self._stdout = _LineSplitter(self._line)
+        self._lines: queue.Queue[bytes | object | None] = queue.Queue()
+        self._stdout = _LineSplitter(self._line, too_long=lambda: self._lines.put(_TOO_LONG))
         self._stderr_tail: collections.deque[bytes] = collections.deque(maxlen=20)
-        self._stderr = _LineSplitter(self._stderr_tail.append)
+        self._stderr = _LineSplitter(lambda line: self._stderr_tail.append(line[:_TAIL_LINE]))
         self._stdout_thread = _thread(self._pump_stdout)
         self._stderr_thread = _thread(_drain, chan.recv_stderr, self._stderr.feed)
 
@@ -180,7 +182,7 @@ class RemoteProcess:
 
     def recv(self, timeout: float | None = None) -> object:
         """Next message; PeerLost on timeout, on silence past the heartbeat's limit, on exit of
-        the peer, or on a line that is not JSON."""
+        the peer, or on a line that is not JSON or longer than MAX_LINE."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
@@ -194,9 +196,11 @@ class RemoteProcess:
         if line is None:
             self._lines.put(None)
             raise PeerLost(self._exit_message())
+        if line is _TOO_LONG:
+            raise PeerLost(f"{self._what} sent a line longer than {MAX_LINE} bytes: not a message of the protocol")
         try:
             return json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise PeerLost(f"{self._what} sent a line that is not JSON: {line[:120]!r}") from None
 
     def check(self) -> None:
@@ -259,11 +263,12 @@ class RemoteProcess:
 
 class _LineSplitter:
     """Turns a byte stream into complete lines for EMIT; a partial last line waits for more.
-    A line longer than MAX_LINE is cut: its start is emitted (so it reads as garbage, not as a
-    message) and the rest dropped up to its end, so a peer cannot fill our memory."""
+    A line longer than MAX_LINE is dropped up to its end, so a peer cannot fill our memory, and
+    TOO_LONG is called; without it, the line's start is emitted instead (a stderr tail)."""
 
-    def __init__(self, emit: Callable[[bytes], None]):
+    def __init__(self, emit: Callable[[bytes], None], too_long: Callable[[], None] | None = None):
         self._emit = emit
+        self._too_long = too_long or (lambda: emit(bytes(self._partial[:200]) + b"... (a line longer than the limit)"))
         self._partial = bytearray()
         self._skipping = False
 
@@ -271,14 +276,17 @@ class _LineSplitter:
         start = len(self._partial)
         self._partial += data
         while (end := self._partial.find(b"\n", start)) >= 0:
-            if not self._skipping:
+            if self._skipping:
+                self._skipping = False
+            elif end > MAX_LINE:
+                self._too_long()
+            else:
                 self._emit(bytes(self._partial[:end]))
-            self._skipping = False
             del self._partial[: end + 1]
             start = 0
         if len(self._partial) > MAX_LINE:
             if not self._skipping:
-                self._emit(bytes(self._partial[:200]) + b"... (a line longer than the limit)")
+                self._too_long()
             self._skipping = True
             self._partial.clear()
 

@@ -21,7 +21,7 @@ STEPS = (
          False, "source", "nothing to undo"),
     Step("prepare", "the target makes its incoming folder (with an owner file naming its agent)",
          False, "source", "the agent removes it; if the agent died, the next command on the target does"),
-    Step("layers", "image layers the target lacks, rsynced into staging and adopted",
+    Step("layers", "image layers the target lacks, rsynced into staging and adopted as foreign",
          False, "source", "the layers this migration brought are removed unless something uses them"),
     Step("upper sync", "the container's own files, rsynced while it runs",
          False, "source", "the incoming folder is removed"),

@@ -4,6 +4,12 @@ A layer lives at `<store>/sha256/<hex>/`, named by the digest of its blob as the
 it, with `<hex>.json` beside it (blob size, diff_id). Layers come from untrusted archives, so the
 extractor walks every path itself through directory fds opened with O_NOFOLLOW instead of
 trusting tarfile: nothing it writes can land outside the layer, whatever the symlinks inside say.
+
+A layer tree that arrives extracted from another host (a migration, a snapshot archive) cannot be
+checked against its digest: the store keeps no blob, and a tree does not give back the tar it
+came from. So it is adopted into `<store>/foreign/sha256/<hex>/` (REVIEW S6): the containers that
+came with it run on it, but an import here never takes it for the digest's content. The import
+extracts its own blob into `sha256/`, which every later mount of that digest then uses.
 """
 
 import errno
@@ -135,31 +141,38 @@ class LayerStore:
         self._whiteouts = whiteouts or OverlayWhiteouts()
 
     def has(self, digest: str) -> bool:
-        return (self.path / "sha256" / parse_digest(digest)).is_dir()
+        return any(p.is_dir() for p in self._trees(digest))
 
     def path_of(self, digest: str) -> Path:
-        p = self.path / "sha256" / parse_digest(digest)
-        if not p.is_dir():
-            raise NotFound(f"layer {digest} is not in the store")
-        return p
+        """The layer's tree: the one extracted here from its verified blob, else a foreign one."""
+        for p in self._trees(digest):
+            if p.is_dir():
+                return p
+        raise NotFound(f"layer {digest} is not in the store")
 
     def size_of(self, digest: str) -> int:
         """Size of the layer's blob (compressed, as in the archive), not of the extracted tree."""
         return self._meta(digest)["size"]
 
     def digests(self) -> list[str]:
-        d = self.path / "sha256"
-        if not d.is_dir():
-            return []
-        return sorted(f"sha256:{p.name}" for p in d.iterdir() if re.fullmatch("[0-9a-f]{64}", p.name) and p.is_dir())
+        """Every layer held, verified or foreign."""
+        found = set()
+        for d in (self.path / "sha256", self._foreign() / "sha256"):
+            if d.is_dir():
+                found.update(p.name for p in d.iterdir() if re.fullmatch("[0-9a-f]{64}", p.name) and p.is_dir())
+        return sorted(f"sha256:{h}" for h in found)
 
     def remove(self, digest: str) -> None:
-        layer = self.path_of(digest)
+        """Both trees of the layer, the verified and the foreign one."""
+        present = [p for p in self._trees(digest) if p.is_dir()]
+        if not present:
+            raise NotFound(f"layer {digest} is not in the store")
         self._tmp().mkdir(parents=True, exist_ok=True)
-        doomed = Path(tempfile.mkdtemp(dir=self._tmp(), prefix="rm-")) / "layer"
-        layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
-        layer.with_suffix(".json").unlink(missing_ok=True)
-        _force_rmtree(doomed.parent)
+        for layer in present:
+            doomed = Path(tempfile.mkdtemp(dir=self._tmp(), prefix="rm-")) / "layer"
+            layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
+            layer.with_suffix(".json").unlink(missing_ok=True)
+            _force_rmtree(doomed.parent)
 
     def remove_unused(self, digest: str, in_use: Collection[str]) -> bool:
         """Remove one layer unless `in_use` (the digests the catalog's images, containers and
@@ -186,13 +199,14 @@ class LayerStore:
         The compression (gzip, zstd or none) is taken from the magic bytes, not the media type,
         which only has to be a known layer type (None for docker-archive layers, which have none).
         `budget` is the import's, shared by its layers; without one, the layer gets its own.
+        A foreign tree of the digest does not count as present: the blob is extracted beside it.
         """
         hex_ = parse_digest(digest)
         if diff_id is not None:
             parse_digest(diff_id)
         if media_type is not None and media_type not in LAYER_MEDIA_TYPES:
             raise ImageError(f"layer {digest}: unsupported media type {media_type!r}")
-        if self.has(digest):
+        if (self.path / "sha256" / hex_).is_dir():
             self._verify_present(digest, fileobj, size, diff_id)
             return False
         self._tmp().mkdir(parents=True, exist_ok=True)
@@ -249,15 +263,15 @@ class LayerStore:
         return Path(tempfile.mkdtemp(dir=self._tmp(), prefix="incoming-"))
 
     def adopt(self, digest: str, staged: Path) -> bool:
-        """Move a layer copied into `staged` (by files_of's names) into the store; False if present."""
+        """Move a layer copied into `staged` (by files_of's names) from another host into the store,
+        as a foreign layer (see the module's docstring); False if the store holds the digest."""
         hex_ = parse_digest(digest)
         tree, sidecar = staged / hex_, staged / f"{hex_}.json"
         if self.has(digest):
             return False
-        if not tree.is_dir() or not sidecar.is_file():
-            raise ImageError(f"layer {digest} did not arrive complete")
-        (self.path / "sha256").mkdir(parents=True, exist_ok=True)
-        final = self.path / "sha256" / hex_
+        _check_arrived(digest, tree, sidecar)
+        (self._foreign() / "sha256").mkdir(parents=True, exist_ok=True)
+        final = self._foreign() / "sha256" / hex_
         sidecar.rename(final.with_suffix(".json"))  # the sidecar first, as in add_from_stream
         try:
             tree.rename(final)
@@ -275,8 +289,32 @@ class LayerStore:
     def _meta(self, digest: str) -> dict:
         return json.loads((self.path_of(digest).with_suffix(".json")).read_text())
 
+    def _trees(self, digest: str) -> tuple[Path, Path]:
+        """Where the layer's tree may be, the verified place first."""
+        hex_ = parse_digest(digest)
+        return self.path / "sha256" / hex_, self._foreign() / "sha256" / hex_
+
+    def _foreign(self) -> Path:
+        return self.path / "foreign"
+
     def _tmp(self) -> Path:
         return self.path / "tmp"
+
+
+def _check_arrived(digest: str, tree: Path, sidecar: Path) -> None:
+    """A staged layer is a real directory with a sidecar a store writes: a plain file of JSON with
+    the blob's size and a diff_id (what preflight and an export read from it)."""
+    try:
+        tree_ok = stat.S_ISDIR(tree.lstat().st_mode)
+        meta_st = sidecar.lstat()
+        meta = json.loads(sidecar.read_bytes()) if stat.S_ISREG(meta_st.st_mode) and meta_st.st_size < 4096 else None
+    except (OSError, ValueError):
+        tree_ok, meta = False, None
+    if not tree_ok or not isinstance(meta, dict):
+        raise ImageError(f"layer {digest} did not arrive complete (a directory and its sidecar file)")
+    size, diff_id = meta.get("size"), meta.get("diff_id")
+    if type(size) is not int or size < 0 or not isinstance(diff_id, str) or _DIGEST.fullmatch(diff_id) is None:
+        raise ImageError(f"layer {digest} arrived with a garbled sidecar (size and diff_id)")
 
 
 def _check(digest: str, blob: "Digesting", size: int | None, actual_diff_id: str, diff_id: str | None) -> None:

@@ -56,13 +56,24 @@ class Volume:
     @classmethod
     def parse(cls, text: str) -> "Volume":
         parts = text.split(":")
-        if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1].startswith("/"):
+        if len(parts) not in (2, 3):
             raise InvalidInput(f"invalid volume {text!r}: use /host/path:/container/path[:ro]")
         if len(parts) == 3 and parts[2] not in ("ro", "rw"):
             raise InvalidInput(f"invalid volume option {parts[2]!r}: use ro or rw")
-        if ".." in parts[1].split("/"):
-            raise InvalidInput(f"invalid container path {parts[1]!r}: '..' is not allowed")
-        return cls(parts[0].rstrip("/") or "/", parts[1].rstrip("/") or "/", len(parts) == 3 and parts[2] == "ro")
+        return cls.checked(parts[0], parts[1], len(parts) == 3 and parts[2] == "ro")
+
+    @classmethod
+    def checked(cls, host_path: object, container_path: object, read_only: object = False) -> "Volume":
+        """A volume by the command line's rules, whoever wrote it: a spec from another host
+        (a migration, an archive) says which host paths are mounted where, read-write."""
+        for path in (host_path, container_path):
+            if not isinstance(path, str) or not path.startswith("/") or ":" in path or "\0" in path:
+                raise InvalidInput(f"invalid volume {host_path!r}:{container_path!r}: use /host/path:/container/path")
+        if ".." in container_path.split("/"):
+            raise InvalidInput(f"invalid container path {container_path!r}: '..' is not allowed")
+        if not isinstance(read_only, bool):
+            raise InvalidInput(f"invalid volume read_only {read_only!r}: true or false")
+        return cls(host_path.rstrip("/") or "/", container_path.rstrip("/") or "/", read_only)
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ class ContainerSpec:
             argv=tuple(d["argv"]),
             env=tuple(d["env"]),
             working_dir=d["working_dir"],
-            volumes=tuple(Volume(**v) for v in d["volumes"]),
+            volumes=tuple(_volume(v) for v in d["volumes"]),
             limits=Limits(**d["limits"]),
             schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,  # absent before schedules
             drain_policy=d.get("drain_policy"),
@@ -121,3 +132,11 @@ class ContainerSpec:
 
     def renamed(self, name: str) -> "ContainerSpec":
         return ContainerSpec(**{**self.__dict__, "name": name})
+
+
+def _volume(v: object) -> Volume:
+    """A volume of a spec's JSON, checked as the command line checks one."""
+    if not isinstance(v, dict) or not {"host_path", "container_path"} <= set(v) <= {
+            "host_path", "container_path", "read_only"}:
+        raise InvalidInput(f"invalid volume in a spec: {v!r}")
+    return Volume.checked(**v)

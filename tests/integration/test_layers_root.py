@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from runtime.imagebuild import FileSpec, build_image, busybox_layer, opaque, whiteout
+from migrate.agent import Agent
+from runtime.container import Runtime
 from runtime.images import import_image
 from runtime.layers import LayerStore
+from runtime.paths import StateRoot
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -96,3 +99,31 @@ def test_busybox_image_runs_in_a_chroot(tmp_path):
         check=False,
     )
     assert (r.returncode, r.stdout) == (0, "root\n"), r.stderr
+
+
+def test_a_tree_sent_under_a_layer_s_digest_never_stands_for_that_layer_in_a_local_import(image, tmp_path):
+    """The target side of a migration, in process: the source's rsync leaves a tampered copy of a
+    real layer in staging and the agent adopts it. It is kept as foreign, and importing the image
+    on the target extracts the layer from its own verified blob: what a new container gets."""
+    source, img = image
+    target = Runtime(StateRoot(tmp_path / "target"))
+    agent = Agent(target)
+    try:
+        prep = agent.handle({"op": "prepare", "name": "c1", "migration": "0123456789abcdef", "volumes": []})
+        for d in img.layers:
+            subprocess.run(["cp", "-a", "--", *map(str, source.files_of(d)), prep["staging"]], check=True)
+        tampered = Path(prep["staging"]) / img.layers[0].split(":")[1]
+        (tampered / "etc/passwd").write_text("root::0:0::/:/bin/sh\n")  # no password
+        assert agent.handle({"op": "adopt_layers", "name": "c1", "digests": list(img.layers)}) == {"adopted": 2}
+        planted = target.layers.path_of(img.layers[0])
+        assert planted.parent == target.layers.path / "foreign" / "sha256"
+        assert (planted / "etc/passwd").read_text().startswith("root::")
+
+        import_image(tmp_path / "image.tar", target.layers)
+        genuine = target.layers.path_of(img.layers[0])
+        assert genuine.parent == target.layers.path / "sha256"
+        assert (genuine / "etc/passwd").read_bytes() == BASE["etc/passwd"]
+        assert os.getxattr(target.layers.path_of(img.layers[1]) / "bin", "trusted.overlay.opaque") == b"y"
+    finally:
+        agent.abort()
+        target.close()

@@ -166,6 +166,23 @@ def test_second_container_of_the_same_image_sends_no_layers(two):
     assert_counts_on(two, "host-b", "c2", c2)
 
 
+
+def test_a_layer_tree_the_source_changed_never_stands_for_that_layer_in_an_import_on_the_target(
+        two, busybox_archives):
+    """The target cannot check a tree against its layer's digest: it keeps it as foreign, and an
+    import of the image there extracts the layer from its own verified blob."""
+    a, b = two["host-a"], two["host-b"]
+    a.ok("run", "--name", "c1", IMAGE, "sleep", "1000")
+    [digest] = LayerStore(a.state.layers).digests()
+    (LayerStore(a.state.layers).path_of(digest) / "planted").write_text("not in the image\n")
+    r = two.move("host-a", "c1", "host-b")
+    assert r.rc == 0, str(r)
+    foreign = LayerStore(b.state.layers).path_of(digest)
+    assert foreign.parent == b.state.layers / "foreign" / "sha256" and (foreign / "planted").exists()
+    b.ok("image", "import", busybox_archives["docker-archive"])
+    genuine = LayerStore(b.state.layers).path_of(digest)
+    assert genuine.parent == b.state.layers / "sha256" and not (genuine / "planted").exists()
+
 # ---------------------------------------------------------------------------------------------
 # 8: a failed restore on the target rolls back
 

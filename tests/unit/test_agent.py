@@ -12,7 +12,7 @@ from migrate.agent import Agent
 from migrate.controller import Agent as AgentHandle
 from runtime import criulogs, journal
 from runtime.container import Runtime
-from runtime.errors import Conflict, CriuError, InvalidInput, PeerLost, RemoteError
+from runtime.errors import Conflict, CriuError, ImageError, InvalidInput, PeerLost, RemoteError
 from runtime.paths import StateRoot
 from runtime.spec import ContainerSpec
 from runtime.store import ImageRecord
@@ -86,6 +86,18 @@ def test_an_abort_removes_the_layers_it_brought_that_nothing_uses(rt, agent):
     assert not Path(prep["staging"]).exists() and not Path(prep["incoming"]).exists()
 
 
+def test_a_layer_that_does_not_arrive_in_a_store_s_form_is_refused_and_nothing_is_adopted(rt, agent):
+    prep = prepare_with_layers(agent, (L1,))
+    hex2 = L2.split(":")[1]
+    (Path(prep["staging"]) / hex2).mkdir()
+    (Path(prep["staging"]) / f"{hex2}.json").symlink_to("/etc/hostname")  # not a plain sidecar file
+    with pytest.raises(ImageError, match=f"layer {L2} did not arrive complete"):
+        agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1, L2]})
+    assert [(e.step, e.event) for e in rt.catalog.journal.entries(MID, journal.TARGET)][-1] == ("layers", "failed")
+    agent.handle({"op": "abort"})  # the controller's rollback: the layer adopted before goes too
+    assert rt.layers.digests() == []
+
+
 def test_an_abort_keeps_layers_a_container_here_uses(rt, agent):
     prepare_with_layers(agent, (L1, L2))
     agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1, L2]})
@@ -94,6 +106,16 @@ def test_an_abort_keeps_layers_a_container_here_uses(rt, agent):
     agent.abort()
     assert agent.shims[0].cancelled and rt.catalog.find_container("c1") is None
     assert rt.layers.digests() == [L2]
+
+
+def test_a_spec_whose_volume_climbs_out_with_dotdot_is_refused_before_any_record(rt, agent):
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    spec = json.loads(ContainerSpec("c1", "img:latest", "sha256:" + "9" * 64, (L1,), ("sh",)).to_json())
+    spec["volumes"] = [{"host_path": "/srv", "container_path": "/data/../../etc", "read_only": False}]
+    with pytest.raises(InvalidInput, match="'..' is not allowed"):
+        agent.handle({"op": "preload", "name": "c1", "spec": json.dumps(spec)})
+    assert rt.catalog.find_container("c1") is None and agent.shims == []
 
 
 def restored_running(rt, agent, pid: int) -> None:

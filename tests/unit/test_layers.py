@@ -243,10 +243,77 @@ def test_a_layer_adopted_meanwhile_by_another_move_is_not_an_error(store, tmp_pa
         staged = tmp_path / copy
         (staged / hex_ / "etc").mkdir(parents=True)
         (staged / hex_ / "etc" / "hostname").write_text(copy)
-        (staged / f"{hex_}.json").write_text('{"diff_id": null}')
+        (staged / f"{hex_}.json").write_text(f'{{"size": 1, "diff_id": "{digest}"}}')
     assert store.adopt(digest, tmp_path / "one")
     real_has, looks = store.has, []
     store.has = lambda d: bool(looks.append(d) or len(looks) > 1) and real_has(d)  # not there at its first look
     assert store.adopt(digest, tmp_path / "two") is False
     assert (store.path_of(digest) / "etc" / "hostname").read_text() == "one"
     assert len(looks) == 2
+
+
+def stage(staged, digest, files=None, sidecar=None):
+    """A layer as another host's rsync leaves it in staging: the tree and its sidecar."""
+    hex_ = parse_digest(digest)
+    (staged / hex_).mkdir(parents=True)
+    for name, data in (files or {"planted": b"from the other host"}).items():
+        (staged / hex_ / name).write_bytes(data)
+    (staged / f"{hex_}.json").write_text(sidecar if sidecar is not None else f'{{"size": 1, "diff_id": "{digest}"}}')
+
+
+def test_an_adopted_tree_is_foreign_and_an_import_extracts_its_own_blob(store, tmp_path):
+    """Another host sends a tree under the digest of a real layer: it is kept apart, and a later
+    import of that layer here verifies its blob and extracts it instead of trusting the tree."""
+    files = {"etc": FileSpec.directory(), "etc/hosts": b"genuine\n"}
+    blob = make_layer(files, "gzip")
+    digest = digest_of(blob)
+    stage(tmp_path / "staging", digest)
+    assert store.adopt(digest, tmp_path / "staging")
+    assert store.path_of(digest) == store.path / "foreign" / "sha256" / parse_digest(digest)
+    assert store.digests() == [digest]
+    assert store.add_from_stream(digest, io.BytesIO(blob), GZ)  # stored: the foreign tree is not "present"
+    layer = store.path_of(digest)
+    assert layer == store.path / "sha256" / parse_digest(digest)
+    assert (layer / "etc/hosts").read_bytes() == b"genuine\n" and not (layer / "planted").exists()
+    assert store.digests() == [digest] and store.size_of(digest) == len(blob)
+    assert store.add_from_stream(digest, io.BytesIO(blob), GZ) is False  # now present, and verified
+    store.remove(digest)
+    assert not store.has(digest) and not any((store.path / "foreign" / "sha256").iterdir())
+
+
+def test_a_layer_held_in_either_form_is_not_adopted_again(store, tmp_path):
+    digest, _ = add(store, {"a": b"mine"})
+    stage(tmp_path / "staging", digest)
+    assert store.adopt(digest, tmp_path / "staging") is False
+    assert (store.path_of(digest) / "a").read_bytes() == b"mine"
+
+
+def _symlinked_tree(staged, digest):
+    stage(staged, digest)
+    real = staged / "elsewhere"
+    (staged / parse_digest(digest)).rename(real)
+    (staged / parse_digest(digest)).symlink_to(real)
+
+
+def _symlinked_sidecar(staged, digest):
+    stage(staged, digest)
+    side = staged / f"{parse_digest(digest)}.json"
+    side.rename(staged / "side")
+    side.symlink_to(staged / "side")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda s, d: (s / parse_digest(d)).mkdir(parents=True), "did not arrive complete"),
+    (_symlinked_tree, "did not arrive complete"),
+    (_symlinked_sidecar, "did not arrive complete"),
+    (lambda s, d: stage(s, d, sidecar="not json"), "did not arrive complete"),
+    (lambda s, d: stage(s, d, sidecar='{"size": -1, "diff_id": "sha256:00"}'), "garbled sidecar"),
+    (lambda s, d: stage(s, d, sidecar='{"size": 1, "diff_id": "../../x"}'), "garbled sidecar"),
+])
+def test_a_staged_layer_not_in_a_store_s_form_is_refused(store, tmp_path, make, message):
+    digest = "sha256:" + "cd" * 32
+    make(tmp_path / "staging", digest)
+    with pytest.raises(ImageError, match=message) as e:
+        store.adopt(digest, tmp_path / "staging")
+    assert "\n" not in str(e.value)
+    assert_empty(store)

@@ -42,6 +42,23 @@ def test_bad_volumes(text):
         Volume.parse(text)
 
 
+@pytest.mark.parametrize("volume", [
+    {"host_path": "/srv", "container_path": "/x/../etc", "read_only": False},  # as Volume.parse refuses it
+    {"host_path": "srv", "container_path": "/data", "read_only": False},
+    {"host_path": "/srv", "container_path": "data", "read_only": False},
+    {"host_path": "/srv", "container_path": "/data:/etc", "read_only": False},
+    {"host_path": "/srv\0", "container_path": "/data", "read_only": False},
+    {"host_path": 1, "container_path": "/data", "read_only": False},
+    {"host_path": "/srv", "container_path": "/data", "read_only": "no"},
+    {"host_path": "/srv", "container_path": "/data", "propagation": "shared"},
+    ["/srv", "/data"],
+])
+def test_a_received_spec_s_volumes_are_checked_as_the_command_line_checks_them(volume):
+    d = json.loads(ContainerSpec("c", "busybox:latest", "sha256:aa", (), ("sh",)).to_json())
+    with pytest.raises(InvalidInput, match="invalid"):
+        ContainerSpec.from_json(json.dumps({**d, "volumes": [volume]}))
+
+
 def test_spec_json_round_trip():
     spec = ContainerSpec("c", "busybox:latest", "sha256:aa", ("sha256:bb", "sha256:cc"), ("sh", "-c", "x"),
                          ("A=1",), "/tmp", (Volume("/h", "/c", True),), Limits(1 << 20, 0.5, 10))
