@@ -6,9 +6,9 @@ MIGRATE_ROOT and HOME (set by sshd's SetEnv, with MIGRATE_CONFIG pointing at thi
 config, so every command run there sees them; a private HOME also keeps this machine's
 ~/.bashrc, ~0.1 s per command here, out of remote commands).
 A client ssh config, known_hosts and key are written beside them and into each host's
-$HOME/.ssh, so the code under test, here or on any of the hosts, reaches `host-b` by name
-exactly as it would a real machine. (OpenSSH's own `ssh` on a host reads the passwd home,
-/root/.ssh, not $HOME: give it `-F ~/.ssh/config`, as rsync_ssh_command does.)
+$HOME/.ssh, and MIGRATE_SSH_CONFIG names that config there, so the code under test, here or on
+any of the hosts, reaches `host-b` by name exactly as it would a real machine. (OpenSSH reads
+the passwd home, /root/.ssh, not $HOME: hence MIGRATE_SSH_CONFIG, which the tool gives ssh as -F.)
 
 Every name carries a random suffix, so parallel or leftover runs never clash. Teardown always
 runs (explicitly, via `with`, or at exit) and removes everything it made; sshd is killed by pid
@@ -59,7 +59,7 @@ PermitRootLogin prohibit-password
 MaxStartups 100:30:200
 MaxSessions 100
 PrintMotd no
-SetEnv MIGRATE_ROOT={root} HOME={home} MIGRATE_CONFIG={tool_config}
+SetEnv MIGRATE_ROOT={root} HOME={home} MIGRATE_CONFIG={tool_config} MIGRATE_SSH_CONFIG={home}/.ssh/config
 """
 _CLIENT_HOST = """\
 Host {name}

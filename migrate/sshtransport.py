@@ -1,0 +1,148 @@
+"""A paramiko connection to a resolved host, for the one user left: the lazy-pages reverse tunnel
+(migrate/tunnel.py needs a paramiko Transport), until that tunnel moves to OpenSSH forwards.
+
+It honours what `ssh -G` resolved: HostName, Port, User, IdentityFile, the known_hosts files,
+HostKeyAlias, and ProxyJump (through `ssh -W`, built the way OpenSSH builds it). Host keys are
+strict: an unknown key is refused, never added, and a key on a `@revoked` line is refused here
+(paramiko's parser skips marker lines). What paramiko cannot do as OpenSSH does is refused with
+a clear error, never ignored: ProxyCommand, CertificateFile, and a host trusted only through a
+`@cert-authority` line (its key is then reported as unknown). Every paramiko and socket
+exception is translated into a one-line RemoteError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import socket
+from errno import ECONNREFUSED
+
+import paramiko
+
+from migrate.hosts import HostSpec
+from migrate.ssh import KEEPALIVE_INTERVAL
+from runtime.errors import RemoteError
+
+__all__ = ["open_transport"]
+
+_WHY = "the lazy-pages tunnel (paramiko)"
+
+
+class _UnknownHostKey(paramiko.SSHException):
+    """Raised by the policy so an unknown key can be told apart from other SSH failures."""
+
+
+class _RejectUnknown(paramiko.RejectPolicy):
+    def missing_host_key(self, client, hostname, key):
+        raise _UnknownHostKey(hostname)
+
+
+class _Revoked(paramiko.SSHException):
+    """The server's key is on a @revoked line."""
+
+
+def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
+    """Log in to SPEC's host with paramiko; the client's get_transport() is the connection."""
+    if spec.proxy_command:
+        raise RemoteError(f"{_WHY} cannot use ProxyCommand for {spec.alias}; use ProxyJump, or copy mode")
+    if spec.certificate_files:
+        raise RemoteError(f"{_WHY} cannot log in to {spec.alias} with CertificateFile; use copy mode")
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(_RejectUnknown())
+    for path in spec.known_hosts_files:
+        if os.path.isfile(path):
+            try:
+                client.load_host_keys(path)
+            except (OSError, paramiko.SSHException) as e:
+                client.close()
+                raise RemoteError(f"cannot read known_hosts file {path}: {e}") from None
+    sock = None
+    try:
+        sock = _jump(spec) if spec.proxy_jump else socket.create_connection((spec.hostname, spec.port), timeout)
+        # with a sock, the name is only the known_hosts key, which HostKeyAlias replaces (port and all)
+        client.connect(
+            spec.host_key_alias or spec.hostname,
+            port=22 if spec.host_key_alias else spec.port,
+            sock=sock,
+            username=spec.user,
+            key_filename=[p for p in spec.identity_files if os.path.isfile(p)] or None,
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+        )
+        _refuse_revoked(spec, client.get_transport().get_remote_server_key())
+    except Exception as e:
+        client.close()
+        error = _connect_error(spec, e, timeout, sock)
+        if error is None:
+            raise
+        raise error from None
+    client.get_transport().set_keepalive(KEEPALIVE_INTERVAL)
+    return client
+
+
+def _jump(spec: HostSpec) -> paramiko.ProxyCommand:
+    """OpenSSH's own route through the jump hosts: `ssh [-F config] [-J earlier hops] -W host:port
+    last-hop`, as ssh itself runs for ProxyJump."""
+    *earlier, last = spec.proxy_jump.split(",")
+    argv = ["ssh", *(["-F", spec.ssh_config] if spec.ssh_config else []), "-o", "BatchMode=yes",
+            *(["-J", ",".join(earlier)] if earlier else []), "-W", f"[{spec.hostname}]:{spec.port}",
+            "--", last if last.startswith("ssh://") else f"ssh://{last}"]
+    return paramiko.ProxyCommand(shlex.join(argv))
+
+
+def _refuse_revoked(spec: HostSpec, key: paramiko.PKey) -> None:
+    """A key on any @revoked line is refused, whatever host it names (stricter than OpenSSH)."""
+    blob = key.get_base64()
+    for path in spec.known_hosts_files:
+        with contextlib.suppress(OSError), open(path, errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4 and fields[0] == "@revoked" and fields[3] == blob:
+                    raise _Revoked(path)
+
+
+def _connect_error(spec: HostSpec, e: BaseException, timeout: float, sock: object) -> RemoteError | None:
+    where = spec.where
+    key_name = spec.host_key_alias or (spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}")
+    files = ", ".join(spec.known_hosts_files) or "no file configured"
+    if isinstance(sock, paramiko.ProxyCommand) and not isinstance(e, (paramiko.BadHostKeyException, _UnknownHostKey,
+                                                                      _Revoked, paramiko.AuthenticationException)):
+        sock.close()
+        with contextlib.suppress(OSError, ValueError):
+            sock.process.wait(5)
+            lines = [ln.strip() for ln in sock.process.stderr.read().decode(errors="replace").splitlines()]
+            first = next((ln for ln in lines if ln), "")
+            if first:
+                return RemoteError(f"cannot reach {where} through jump host {spec.proxy_jump}: {first}")
+    if isinstance(e, _UnknownHostKey):
+        return RemoteError(f"host key for {where} ({key_name}) is not in known_hosts ({files}); add it with "
+                           f"ssh-keyscan or ssh once ({_WHY} does not take @cert-authority lines)")
+    if isinstance(e, paramiko.BadHostKeyException):
+        return RemoteError(f"host key for {where} ({key_name}) does not match known_hosts ({files}): refusing")
+    if isinstance(e, _Revoked):
+        return RemoteError(f"host key for {where} ({key_name}) is marked @revoked in {e}: refusing")
+    if isinstance(e, paramiko.PasswordRequiredException):
+        return RemoteError(f"identity file for {spec.user}@{where} needs a passphrase, which {_WHY} cannot ask for")
+    if isinstance(e, paramiko.AuthenticationException):
+        tried = ", ".join(spec.identity_files) or "none"
+        return RemoteError(f"authentication as {spec.user}@{where} failed (keys: {tried}; {_WHY} uses no agent)")
+    if isinstance(e, paramiko.SSHException) and "No authentication methods" in str(e):
+        return RemoteError(f"no usable identity file to log in as {spec.user}@{where} "
+                           f"({', '.join(spec.identity_files) or 'none configured'})")
+    if isinstance(e, socket.gaierror):
+        return RemoteError(f"cannot resolve host name {spec.hostname}: {e.strerror}")
+    if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == ECONNREFUSED:
+        return RemoteError(f"connection to {where} refused")
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return RemoteError(f"connection to {where} timed out after {timeout} s")
+    if isinstance(e, paramiko.SSHException) and ("protocol banner" in str(e) or "No existing session" in str(e)):
+        # paramiko reports a stalled handshake either way, depending on which timer fires first
+        return RemoteError(f"{where} did not complete the SSH handshake within {timeout} s")
+    if isinstance(e, (OSError, paramiko.SSHException, EOFError)):
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        return RemoteError(f"ssh to {where} failed: {reason}")
+    return None
