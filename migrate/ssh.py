@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -88,12 +89,11 @@ class SSHSession:
         proc = self._open(argv)
         try:
             out, err = proc.communicate(input or b"", timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"`{_show(argv)}` on {self.spec.alias} did not finish within {timeout} s") from None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        except BaseException as e:
+            _stop(proc)
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise RemoteError(f"`{_show(argv)}` on {self.spec.alias} did not finish within {timeout} s") from None
+            raise
         if proc.returncode == 255 and not self._alive():
             raise RemoteError(f"lost the connection to {self.spec.alias} while running `{_show(argv)}`")
         return proc.returncode, out, err
@@ -118,12 +118,13 @@ class SSHSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _base(self) -> list[str]:
+    def _base(self, control_path: str | None = None) -> list[str]:
         """The user's config, and what this tool insists on whatever it says: strict host keys,
         never a prompt, never an edit of known_hosts, one master of our own."""
         config = ["-F", self.spec.ssh_config] if self.spec.ssh_config is not None else []
         return ["ssh", *config, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no", "-o", f"ControlPath={self.control_dir}/master"]
+                "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no",
+                "-o", f"ControlPath={control_path or self.control_dir / 'master'}"]
 
     def _start_master(self, timeout: float) -> None:
         connect_timeout = self.spec.connect_timeout or max(1, math.ceil(timeout))
@@ -147,7 +148,20 @@ class SSHSession:
         except FileNotFoundError:
             raise RemoteError("ssh (the OpenSSH client) is not installed") from None
         if p.returncode != 0:
-            raise login_error(self.spec, p.stderr.decode(errors="replace"))
+            stderr = p.stderr.decode(errors="replace")
+            if self.spec.proxy_jump or self.spec.proxy_command:
+                stderr = self._diagnose(connect_timeout, limit) or stderr
+            raise login_error(self.spec, stderr)
+
+    def _diagnose(self, connect_timeout: int, limit: float) -> str | None:
+        """Why a login through a jump host failed, from a plain `ssh HOST true`: a master sends
+        its jump's (or ProxyCommand's) stderr to /dev/null, leaving only "connection closed"."""
+        argv = [*self._base("none"), "-o", f"ConnectTimeout={connect_timeout}", "-T", "--", self.spec.alias, "true"]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
+            if p.returncode == 255:
+                return p.stderr.decode(errors="replace")
+        return None
 
     def _control(self, command: str) -> bool:
         """An `ssh -O COMMAND` request to the master; whether it was granted."""
@@ -256,8 +270,7 @@ class RemoteProcess:
         try:
             status = self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+            _stop(self._proc)
             status = -1
         self._stdout_thread.join(1.0)
         self._stderr_thread.join(1.0)
@@ -340,11 +353,24 @@ def login_error(spec: HostSpec, stderr: str) -> RemoteError:
         return RemoteError(f"{key} is marked @revoked in known_hosts ({files}): refusing")
     if "host key is known for" in stderr or "Host key verification failed" in stderr:
         return RemoteError(f"{key} is not in known_hosts ({files}); add it with ssh-keyscan or ssh once")
-    if "Permission denied" in stderr:
-        return RemoteError(f"authentication as {spec.user}@{spec.where} failed: {first}")
+    denied = next((ln for ln in lines if "Permission denied" in ln), None)
+    if denied is not None:
+        keys = ", ".join(spec.identity_files) or "none"
+        reason = re.sub(r"^\S+@\S+: ", "", denied)  # ssh names user@hostname: we did already
+        return RemoteError(f"authentication as {spec.user}@{spec.where} failed: {reason} (identity files: {keys})")
     if first.startswith("ssh: "):
         first = first[len("ssh: "):]
     return RemoteError(f"ssh to {spec.where} failed: {first}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a session's local client. Its pipes are closed, not read to their end: the master holds
+    their other ends (the client passed them over) until the remote command finishes."""
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 def _reason(e: BaseException) -> str:

@@ -4,7 +4,7 @@
 It honours what `ssh -G` resolved: HostName, Port, User, IdentityFile, the known_hosts files,
 HostKeyAlias, and ProxyJump (through `ssh -W`, built the way OpenSSH builds it). Host keys are
 strict: an unknown key is refused, never added, and a key on a `@revoked` line is refused here
-(paramiko's parser skips marker lines). What paramiko cannot do as OpenSSH does is refused with
+(paramiko's parser does not take marker lines), whatever host the line names: stricter than ssh. What paramiko cannot do as OpenSSH does is refused with
 a clear error, never ignored: ProxyCommand, CertificateFile, and a host trusted only through a
 `@cert-authority` line (its key is then reported as unknown). Every paramiko and socket
 exception is translated into a one-line RemoteError.
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shlex
 import socket
 from errno import ECONNREFUSED
+from typing import IO
 
 import paramiko
 
@@ -33,13 +35,19 @@ class _UnknownHostKey(paramiko.SSHException):
     """Raised by the policy so an unknown key can be told apart from other SSH failures."""
 
 
-class _RejectUnknown(paramiko.RejectPolicy):
-    def missing_host_key(self, client, hostname, key):
-        raise _UnknownHostKey(hostname)
-
-
 class _Revoked(paramiko.SSHException):
     """The server's key is on a @revoked line."""
+
+
+class _RejectUnknown(paramiko.RejectPolicy):
+    """Called, before any login, for a key known_hosts does not trust: revoked keys never are."""
+
+    def __init__(self, revoked: dict[str, str]):
+        self.revoked = revoked  # base64 key -> the file revoking it
+
+    def missing_host_key(self, client, hostname, key):
+        path = self.revoked.get(key.get_base64())
+        raise _Revoked(path) if path is not None else _UnknownHostKey(hostname)
 
 
 def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
@@ -49,14 +57,15 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
     if spec.certificate_files:
         raise RemoteError(f"{_WHY} cannot log in to {spec.alias} with CertificateFile; use copy mode")
     client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(_RejectUnknown())
-    for path in spec.known_hosts_files:
-        if os.path.isfile(path):
-            try:
-                client.load_host_keys(path)
-            except (OSError, paramiko.SSHException) as e:
-                client.close()
-                raise RemoteError(f"cannot read known_hosts file {path}: {e}") from None
+    try:
+        lines = {path: _lines(path) for path in spec.known_hosts_files}
+        revoked = {fields[3]: path for path, fields in _marked(lines, "@revoked")}
+        for path in lines:
+            _load_host_keys(client.get_host_keys(), lines[path], revoked)
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        client.close()
+        raise RemoteError(f"cannot read known_hosts file {path}: {e}") from None
+    client.set_missing_host_key_policy(_RejectUnknown(revoked))
     sock = None
     try:
         sock = _jump(spec) if spec.proxy_jump else socket.create_connection((spec.hostname, spec.port), timeout)
@@ -73,7 +82,6 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
             banner_timeout=timeout,
             auth_timeout=timeout,
         )
-        _refuse_revoked(spec, client.get_transport().get_remote_server_key())
     except Exception as e:
         client.close()
         error = _connect_error(spec, e, timeout, sock)
@@ -82,6 +90,35 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
         raise error from None
     client.get_transport().set_keepalive(KEEPALIVE_INTERVAL)
     return client
+
+
+def _lines(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, errors="replace") as f:
+        return f.readlines()
+
+
+def _marked(lines: dict[str, list[str]], marker: str):
+    """(file, fields) of each line with MARKER (`@revoked host-patterns type base64`)."""
+    for path, text in lines.items():
+        for line in text:
+            fields = line.split()
+            if len(fields) >= 4 and fields[0] == marker:
+                yield path, fields
+
+
+def _load_host_keys(keys: paramiko.HostKeys, lines: list[str], revoked: dict[str, str]) -> None:
+    """The plain lines, but no revoked key (paramiko's own loader fails on a whole file for one
+    marker line; @cert-authority lines are not understood and so trust nothing)."""
+    for number, line in enumerate(lines, 1):
+        if line.lstrip().startswith(("@", "#")) or not line.strip():
+            continue
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        if entry is None or entry.key.get_base64() in revoked:
+            continue
+        for name in entry.hostnames:
+            keys.add(name, entry.key.get_name(), entry.key)
 
 
 def _jump(spec: HostSpec) -> paramiko.ProxyCommand:
@@ -94,30 +131,15 @@ def _jump(spec: HostSpec) -> paramiko.ProxyCommand:
     return paramiko.ProxyCommand(shlex.join(argv))
 
 
-def _refuse_revoked(spec: HostSpec, key: paramiko.PKey) -> None:
-    """A key on any @revoked line is refused, whatever host it names (stricter than OpenSSH)."""
-    blob = key.get_base64()
-    for path in spec.known_hosts_files:
-        with contextlib.suppress(OSError), open(path, errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 4 and fields[0] == "@revoked" and fields[3] == blob:
-                    raise _Revoked(path)
-
-
 def _connect_error(spec: HostSpec, e: BaseException, timeout: float, sock: object) -> RemoteError | None:
     where = spec.where
     key_name = spec.host_key_alias or (spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}")
     files = ", ".join(spec.known_hosts_files) or "no file configured"
     if isinstance(sock, paramiko.ProxyCommand) and not isinstance(e, (paramiko.BadHostKeyException, _UnknownHostKey,
                                                                       _Revoked, paramiko.AuthenticationException)):
-        sock.close()
-        with contextlib.suppress(OSError, ValueError):
-            sock.process.wait(5)
-            lines = [ln.strip() for ln in sock.process.stderr.read().decode(errors="replace").splitlines()]
-            first = next((ln for ln in lines if ln), "")
-            if first:
-                return RemoteError(f"cannot reach {where} through jump host {spec.proxy_jump}: {first}")
+        first = _first_line(sock.process.stderr)
+        if first:
+            return RemoteError(f"cannot reach {where} through jump host {spec.proxy_jump}: {first}")
     if isinstance(e, _UnknownHostKey):
         return RemoteError(f"host key for {where} ({key_name}) is not in known_hosts ({files}); add it with "
                            f"ssh-keyscan or ssh once ({_WHY} does not take @cert-authority lines)")
@@ -146,3 +168,13 @@ def _connect_error(spec: HostSpec, e: BaseException, timeout: float, sock: objec
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         return RemoteError(f"ssh to {where} failed: {reason}")
     return None
+
+
+def _first_line(stream: IO[bytes], wait: float = 5.0) -> str:
+    """The first line the jump's ssh wrote, if any within WAIT seconds. The process is neither
+    killed nor reaped here: paramiko's transport thread does that as it closes."""
+    with contextlib.suppress(OSError, ValueError):
+        if select.select([stream], [], [], wait)[0]:
+            text = os.read(stream.fileno(), 65536).decode(errors="replace")
+            return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return ""

@@ -156,6 +156,15 @@ class TestHosts:
         """NAME resolved through this set's own ssh config and tool config only."""
         return resolve_host(name, ssh_config=self.ssh_config, tool_config=self.tool_config)
 
+    def client_entry(self, alias: str, name: str, **options: str) -> str:
+        """An ssh_config `Host ALIAS` block reaching host NAME with this set's key and known_hosts.
+        OPTIONS (ssh_config keywords) come first, so they win over those defaults."""
+        host = self.hosts[name]
+        lines = [f"    {key} {value}\n" for key, value in options.items()]
+        default = _CLIENT_HOST.format(name=alias, ip=host.ip, key=self.client_key, known_hosts=self.known_hosts)
+        first, _, rest = default.partition("\n")
+        return "".join([first + "\n", *lines, rest])
+
     def env(self) -> dict[str, str]:
         """Environment for a `migrate` subprocess that should see exactly these hosts."""
         return {"MIGRATE_SSH_CONFIG": str(self.ssh_config), "MIGRATE_CONFIG": str(self.tool_config)}
@@ -250,12 +259,7 @@ class TestHosts:
 
     def _write_client_files(self, remote_command: Sequence[str] | None) -> None:
         self.known_hosts.write_text("".join(f"{h.ip} {h.host_key}\n" for h in self))
-        self.ssh_config.write_text(
-            "\n".join(
-                _CLIENT_HOST.format(name=h.name, ip=h.ip, key=self.client_key, known_hosts=self.known_hosts)
-                for h in self
-            )
-        )
+        self.ssh_config.write_text("\n".join(self.client_entry(h.name, h.name) for h in self))
         for host in self:
             shutil.copyfile(self.ssh_config, host.home / ".ssh" / "config")
         tables = ""
