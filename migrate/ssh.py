@@ -38,6 +38,7 @@ KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the conn
 KEEPALIVE_COUNT = 3
 MASTER_IDLE = 120  # seconds the connection outlives its last session should this process die without ending it
 _CONTROL_TIMEOUT = 30  # for `ssh -O` requests to the master, which answers at once
+_PROXY_FAILED = "Connection closed by UNKNOWN port"  # what ssh says when its jump (ProxyCommand) ends
 
 
 class SSHSession:
@@ -120,10 +121,11 @@ class SSHSession:
 
     def _base(self, control_path: str | None = None) -> list[str]:
         """The user's config, and what this tool insists on whatever it says: strict host keys,
-        never a prompt, never an edit of known_hosts, one master of our own."""
+        never a prompt, never an edit of known_hosts, our commands (not a RemoteCommand), one master
+        of our own."""
         config = ["-F", self.spec.ssh_config] if self.spec.ssh_config is not None else []
         return ["ssh", *config, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-                "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no",
+                "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no", "-o", "RemoteCommand=none",
                 "-o", f"ControlPath={control_path or self.control_dir / 'master'}"]
 
     def _start_master(self, timeout: float) -> None:
@@ -149,9 +151,9 @@ class SSHSession:
             raise RemoteError("ssh (the OpenSSH client) is not installed") from None
         if p.returncode != 0:
             stderr = p.stderr.decode(errors="replace")
-            if self.spec.proxy_jump or self.spec.proxy_command:
+            if (self.spec.proxy_jump or self.spec.proxy_command) and _PROXY_FAILED in stderr:
                 stderr = self._diagnose(connect_timeout, limit) or stderr
-            raise login_error(self.spec, stderr)
+            raise _login_error(self.spec, stderr)
 
     def _diagnose(self, connect_timeout: int, limit: float) -> str | None:
         """Why a login through a jump host failed, from a plain `ssh HOST true`: a master sends
@@ -335,7 +337,7 @@ def rsync_target(spec: HostSpec, path: str) -> str:
     return f"{host}:{path}"
 
 
-def login_error(spec: HostSpec, stderr: str) -> RemoteError:
+def _login_error(spec: HostSpec, stderr: str) -> RemoteError:
     """The one line to tell the user why OpenSSH could not log in, from what it printed."""
     lines = [ln.strip() for ln in stderr.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith(("@", "Pseudo-terminal", "Warning: Permanently"))]
@@ -344,7 +346,7 @@ def login_error(spec: HostSpec, stderr: str) -> RemoteError:
     key = f"host key for {spec.where}" + (f" (HostKeyAlias {spec.host_key_alias})" if spec.host_key_alias else "")
     if spec.proxy_jump or spec.proxy_command:
         # the jump's own ssh (or the command) failed: the outer ssh only saw its connection close
-        if any("Connection closed by UNKNOWN port" in ln or "kex_exchange_identification" in ln for ln in lines):
+        if _PROXY_FAILED in stderr:
             via = f"jump host {spec.proxy_jump}" if spec.proxy_jump else f"ProxyCommand `{spec.proxy_command}`"
             return RemoteError(f"cannot reach {spec.where} through {via}: {first}")
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:

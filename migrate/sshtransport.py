@@ -3,9 +3,10 @@
 
 It honours what `ssh -G` resolved: HostName, Port, User, IdentityFile, the known_hosts files,
 HostKeyAlias, and ProxyJump (through `ssh -W`, built the way OpenSSH builds it). Host keys are
-strict: an unknown key is refused, never added, and a key on a `@revoked` line is refused here
-(paramiko's parser does not take marker lines), whatever host the line names: stricter than ssh. What paramiko cannot do as OpenSSH does is refused with
-a clear error, never ignored: ProxyCommand, CertificateFile, and a host trusted only through a
+strict: an unknown key is refused, never added, and a key on any `@revoked` line is refused
+before logging in, whatever host the line names (stricter than ssh; paramiko's own parser
+takes no marker lines). What paramiko cannot do as OpenSSH does is refused with a clear error,
+never ignored: ProxyCommand, CertificateFile, and a host trusted only through a
 `@cert-authority` line (its key is then reported as unknown). Every paramiko and socket
 exception is translated into a one-line RemoteError.
 """

@@ -104,8 +104,9 @@ def test_revoked_host_key_is_refused(test_hosts, tmp_path):
     config = tmp_path / "ssh_config"
     config.write_text(hosts.client_entry("revoked", "host-a", UserKnownHostsFile=known))
     spec = resolve(hosts, config, "revoked")
-    with pytest.raises(RemoteError, match=r"^host key for revoked \(.*\) is marked @revoked in .*known_hosts.*refusing"):
+    refused = r"^host key for revoked \(.*\) is marked @revoked in .*known_hosts.*refusing"
+    with pytest.raises(RemoteError, match=refused):
         SSHSession.connect(spec)
-    with pytest.raises(RemoteError, match=r"^host key for revoked \(.*\) is marked @revoked in .*known_hosts.*refusing"):
+    with pytest.raises(RemoteError, match=refused):
         open_transport(spec)
     assert logins(a) == []  # refused before any login
