@@ -1,13 +1,10 @@
 import os
 import pwd
-import shlex
-from pathlib import Path
 
 import pytest
 
 from migrate import hosts
 from migrate.hosts import HostSpec, parse_ssh_g, resolve_host, validate_host_name
-from migrate.ssh import SSHSession, rsync_target
 from runtime.errors import InvalidInput, NotFound
 
 HOME = pwd.getpwuid(os.getuid()).pw_dir  # what OpenSSH's ~ means: the passwd home, not $HOME
@@ -219,43 +216,10 @@ def test_invalid_names(name):
         resolve_host(name)
 
 
-def spec(**changes):
-    base = dict(alias="host-b", hostname="10.1.2.3", port=2222, user="admin", ssh_config="/cfg/ssh_config")
-    return HostSpec(**{**base, **changes})
-
-
-def option(argv, name):
-    pairs = zip(argv, argv[1:], strict=False)
-    values = [v.split("=", 1)[1] for a, v in pairs if a == "-o" and v.startswith(name + "=")]
-    assert len(values) == 1, (name, argv)
-    return values[0]
-
-
-def test_session_clients_ride_only_on_the_master():
-    argv = SSHSession(spec(), Path("/run/cm")).ssh_argv()
-    assert argv[0] == "ssh" and argv[argv.index("-F") + 1] == "/cfg/ssh_config"
-    assert option(argv, "StrictHostKeyChecking") == "yes"
-    assert option(argv, "BatchMode") == "yes"
-    assert option(argv, "UpdateHostKeys") == "no"
-    assert option(argv, "ControlMaster") == "no"
-    assert option(argv, "ControlPath") == "/run/cm/master"
-    assert option(argv, "ProxyCommand") == "false"  # never a login of its own
-    # nothing the config resolves is overridden: OpenSSH resolves the alias itself
-    assert not {"-p", "-l", "-i"} & set(argv)
-    # rsync splits -e like a shell: the joined form must come back as the same argv
-    assert shlex.split(shlex.join(argv)) == argv
-
-
-def test_without_a_config_ssh_reads_its_default_files():
-    assert "-F" not in SSHSession(spec(ssh_config=None), Path("/run/cm")).ssh_argv()
-
-
-def test_rsync_target():
-    assert rsync_target(spec(), "/srv/x y") == "host-b:/srv/x y"
-    assert rsync_target(spec(alias="fe80::1"), "/d") == "[fe80::1]:/d"
-
-
 def test_spec_is_frozen_and_hashable():
+    def spec():
+        return HostSpec(alias="host-b", hostname="10.1.2.3", port=2222, user="admin", identity_files=("/k",))
+
     s = spec()
     with pytest.raises(AttributeError):
         s.port = 22  # type: ignore[misc]
