@@ -13,13 +13,11 @@ exception is translated into a one-line RemoteError.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
-import shlex
+import subprocess
+import threading
 import socket
 from errno import ECONNREFUSED
-from typing import IO
 
 import paramiko
 
@@ -67,9 +65,12 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
         client.close()
         raise RemoteError(f"cannot read known_hosts file {path}: {e}") from None
     client.set_missing_host_key_policy(_RejectUnknown(revoked))
-    sock = None
+    sock, jump = None, None
     try:
-        sock = _jump(spec) if spec.proxy_jump else socket.create_connection((spec.hostname, spec.port), timeout)
+        if spec.proxy_jump:
+            sock, jump = _jump(spec)
+        else:
+            sock = socket.create_connection((spec.hostname, spec.port), timeout)
         # with a sock, the name is only the known_hosts key, which HostKeyAlias replaces (port and all)
         client.connect(
             spec.host_key_alias or spec.hostname,
@@ -85,10 +86,14 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
         )
     except Exception as e:
         client.close()
-        error = _connect_error(spec, e, timeout, sock)
+        if sock is not None:
+            sock.close()  # the jump's ssh, if any, sees EOF and ends
+        error = _connect_error(spec, e, timeout, jump)
         if error is None:
             raise
         raise error from None
+    if jump is not None:  # its stderr drained and its exit reaped once the connection ends
+        threading.Thread(target=jump.communicate, daemon=True).start()
     client.get_transport().set_keepalive(KEEPALIVE_INTERVAL)
     return client
 
@@ -122,24 +127,29 @@ def _load_host_keys(keys: paramiko.HostKeys, lines: list[str], revoked: dict[str
             keys.add(name, entry.key.get_name(), entry.key)
 
 
-def _jump(spec: HostSpec) -> paramiko.ProxyCommand:
+def _jump(spec: HostSpec) -> tuple[socket.socket, subprocess.Popen]:
     """OpenSSH's own route through the jump hosts: `ssh [-F config] [-J earlier hops] -W host:port
-    last-hop`, as ssh itself runs for ProxyJump."""
+    last-hop`, as ssh itself runs for ProxyJump, on one end of a socket pair whose other end is
+    paramiko's socket (paramiko's ProxyCommand spins on a dead command until its timeout)."""
     *earlier, last = spec.proxy_jump.split(",")
     argv = ["ssh", *(["-F", spec.ssh_config] if spec.ssh_config else []), "-o", "BatchMode=yes",
             *(["-J", ",".join(earlier)] if earlier else []), "-W", f"[{spec.hostname}]:{spec.port}",
             "--", last if last.startswith("ssh://") else f"ssh://{last}"]
-    return paramiko.ProxyCommand(shlex.join(argv))
+    ours, theirs = socket.socketpair()
+    with theirs:
+        proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE)
+    return ours, proc
 
 
-def _connect_error(spec: HostSpec, e: BaseException, timeout: float, sock: object) -> RemoteError | None:
+def _connect_error(spec: HostSpec, e: BaseException, timeout: float,
+                   jump: subprocess.Popen | None) -> RemoteError | None:
     where = spec.where
     key_name = spec.host_key_alias or (spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}")
     files = ", ".join(spec.known_hosts_files) or "no file configured"
-    if isinstance(sock, paramiko.ProxyCommand) and not isinstance(e, (paramiko.BadHostKeyException, _UnknownHostKey,
-                                                                      _Revoked, paramiko.AuthenticationException)):
-        first = _first_line(sock.process.stderr)
-        if first:
+    if jump is not None:
+        first = _end(jump)
+        if first and not isinstance(e, (paramiko.BadHostKeyException, _UnknownHostKey, _Revoked,
+                                        paramiko.AuthenticationException)):
             return RemoteError(f"cannot reach {where} through jump host {spec.proxy_jump}: {first}")
     if isinstance(e, _UnknownHostKey):
         return RemoteError(f"host key for {where} ({key_name}) is not in known_hosts ({files}); add it with "
@@ -171,11 +181,11 @@ def _connect_error(spec: HostSpec, e: BaseException, timeout: float, sock: objec
     return None
 
 
-def _first_line(stream: IO[bytes], wait: float = 5.0) -> str:
-    """The first line the jump's ssh wrote, if any within WAIT seconds. The process is neither
-    killed nor reaped here: paramiko's transport thread does that as it closes."""
-    with contextlib.suppress(OSError, ValueError):
-        if select.select([stream], [], [], wait)[0]:
-            text = os.read(stream.fileno(), 65536).decode(errors="replace")
-            return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return ""
+def _end(jump: subprocess.Popen, wait: float = 5.0) -> str:
+    """Reap the jump's ssh (killed if it outlives its EOF by WAIT seconds); the first line it wrote."""
+    try:
+        _, err = jump.communicate(timeout=wait)
+    except subprocess.TimeoutExpired:
+        jump.kill()
+        _, err = jump.communicate()
+    return next((ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()), "")
