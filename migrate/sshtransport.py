@@ -56,8 +56,10 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
     if spec.certificate_files:
         raise RemoteError(f"{_WHY} cannot log in to {spec.alias} with CertificateFile; use copy mode")
     client = paramiko.SSHClient()
+    lines: dict[str, list[str]] = {}
     try:
-        lines = {path: _lines(path) for path in spec.known_hosts_files}
+        for path in spec.known_hosts_files:
+            lines[path] = _lines(path)
         revoked = {fields[3]: path for path, fields in _marked(lines, "@revoked")}
         for path in lines:
             _load_host_keys(client.get_host_keys(), lines[path], revoked)
@@ -71,6 +73,7 @@ def open_transport(spec: HostSpec, timeout: float = 10.0) -> paramiko.SSHClient:
             sock, jump = _jump(spec)
         else:
             sock = socket.create_connection((spec.hostname, spec.port), timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # paramiko only sends keepalives
         # with a sock, the name is only the known_hosts key, which HostKeyAlias replaces (port and all)
         client.connect(
             spec.host_key_alias or spec.hostname,
