@@ -2,6 +2,11 @@
 hosts: the control connection, rsync (which rides on it) and the lazy tunnel's paramiko transport
 all go where the user's ssh config says, and refuse what the user's known_hosts refuses."""
 
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 
 from migrate.hosts import resolve_host
@@ -110,3 +115,50 @@ def test_revoked_host_key_is_refused(test_hosts, tmp_path):
     with pytest.raises(RemoteError, match=refused):
         open_transport(spec)
     assert logins(a) == []  # refused before any login
+
+
+def _keygen(path, *args):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path), *args], check=True)
+
+
+def _reconfigure(hosts, name, *lines):
+    """Add LINES to host NAME's sshd_config; SIGHUP makes sshd exec itself again and reread it."""
+    host = hosts[name]
+    config = hosts.base / name / "sshd_config"
+    config.write_text(config.read_text() + "".join(f"{line}\n" for line in lines))
+    listening = host.sshd_log.read_text().count("Server listening")
+    os.kill(host.sshd_pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while host.sshd_log.read_text().count("Server listening") == listening:
+        assert time.monotonic() < deadline, host.sshd_log.read_text()[-500:]
+        time.sleep(0.02)
+
+
+@root
+def test_certificates_host_and_user(test_hosts, tmp_path):
+    """The host is trusted only through a @cert-authority line, and the user logs in only with a
+    certificate (CertificateFile; the key itself is in no authorized_keys): OpenSSH's own work."""
+    hosts = test_hosts(1)
+    a = hosts["host-a"]
+    _keygen(tmp_path / "ca")
+    host_key = hosts.base / "host-a" / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "ca"), "-I", "host-a", "-h", "-n", a.ip,
+                    f"{host_key}.pub"], check=True)
+    _keygen(tmp_path / "user")
+    subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "ca"), "-I", "user", "-n", "root",
+                    "-O", "source-address=" + a.ip.rsplit(".", 1)[0] + ".0/24", f"{tmp_path / 'user'}.pub"], check=True)
+    _reconfigure(hosts, "host-a", f"HostCertificate {host_key}-cert.pub", f"TrustedUserCAKeys {tmp_path / 'ca'}.pub")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority * {(tmp_path / 'ca.pub').read_text()}")
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host certified\n  HostName {a.ip}\n  User root\n  IdentityFile {tmp_path / 'user'}\n"
+                      f"  CertificateFile {tmp_path / 'user'}-cert.pub\n  IdentitiesOnly yes\n"
+                      f"  UserKnownHostsFile {known}\n  GlobalKnownHostsFile /dev/null\n")
+    spec = resolve(hosts, config, "certified")
+    assert spec.certificate_files == (f"{tmp_path / 'user'}-cert.pub",)
+    with SSHSession.connect(spec) as session:
+        reach(session, a, tmp_path)
+        with pytest.raises(RemoteError, match="cannot log in to certified with CertificateFile"):
+            session.transport  # noqa: B018 - lazy mode's paramiko refuses, clearly
+    assert "Accepted publickey for root" in a.sshd_log.read_text()
+    assert "ED25519-CERT" in a.sshd_log.read_text()
