@@ -182,8 +182,11 @@ class SSHSession:
             raise InvalidInput("remote command must be a non-empty list of strings")
         if self._closed:
             raise RemoteError(f"the connection to {self.spec.alias} is closed")
+        # a session of its own: Ctrl-C or a dropped login (SIGINT, SIGHUP to the terminal's process
+        # group) reaches only the CLI, which unwinds and tells the agent, as when paramiko held it
         return subprocess.Popen([*self.ssh_argv(), "-T", "--", self.spec.alias, shlex.join(argv)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
 
 
 class RemoteProcess:

@@ -182,6 +182,32 @@ def test_json_peer_over_open_process(test_hosts):
         liar.close()
 
 
+SIGNALLED = """\
+import os, signal, sys
+from migrate.hosts import resolve_host
+from migrate.ssh import SSHSession
+with SSHSession.connect(resolve_host("host-a")) as session:
+    peer = session.open_process([sys.executable, "-c", sys.argv[1]])
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+        os.killpg(0, sig)  # as the terminal would: to this process's whole group
+    peer.send({"still": "there"})
+    print(peer.recv(timeout=10), peer.close())
+"""
+
+
+@root
+def test_a_signal_to_the_terminals_process_group_spares_the_peer(test_hosts):
+    """Ctrl-C or a dropped login (SIGINT, SIGHUP to the process group) is the CLI's to handle: it
+    unwinds and tells the agent. The agent's session must not die with the group before that.
+    (Run in a process group of its own, so the signals reach nothing of the test run's.)"""
+    hosts = test_hosts(1)
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", SIGNALLED, ECHO_PEER], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **hosts.env(), "PYTHONPATH": str(repo)}, start_new_session=True)
+    assert (result.returncode, result.stdout) == (0, "{'echo': {'still': 'there'}} 0\n"), result.stderr
+
+
 @root
 def test_tool_config_command_and_root_reach_the_host(test_hosts):
     show = [sys.executable, "-c", "import os, sys; print(os.environ['MIGRATE_ROOT'], *sys.argv[1:], sep='|')"]
