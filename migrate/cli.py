@@ -29,6 +29,7 @@ EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict wi
 VERBS = ("image", "run", "ps", "inspect", "logs", "exec", "stop", "rm", "checkpoint", "schedule", "snapshots",
          "snapshot", "restore", "export", "import", "move", "drain", "recover", "agent")
 # what a container under a (scheduled) snapshot waits for rather than refuses
+SSH_CONFIG_HELP = "ssh config file, given to ssh as -F (default: MIGRATE_SSH_CONFIG, else ssh's own files)"
 WAIT_FOR_SNAPSHOT = ("exec", "stop", "rm", "restore")  # checkpoint and move wait as they take it
 
 
@@ -127,12 +128,12 @@ def _parser() -> argparse.ArgumentParser:
 
     mv = sub.add_parser("move", help="move a running container live to another host (same as: migrate NAME HOST)")
     mv.add_argument("name", help="the running container to move")
-    mv.add_argument("host", help="a host as ssh knows it (~/.ssh/config, MIGRATE_SSH_CONFIG)")
+    mv.add_argument("host", help="a host as `ssh HOST` knows it (resolved by `ssh -G`)")
     mv.add_argument("--mode", choices=MODES, default="auto",
                     help="copy: freeze, copy everything, restore; precopy: copy memory while it runs, then "
                          "freeze for what changed; lazy: restore at once, memory follows; auto: precopy, else "
                          "lazy, else copy, as both hosts support")
-    mv.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    mv.add_argument("--ssh-config", help=SSH_CONFIG_HELP)
     mv.add_argument("--json", action="store_true", help="print the statistics as JSON")
     mv.add_argument("--tcp-close", action="store_true",
                     help="move even with TCP connections to outside the container: they are closed on the target")
@@ -155,12 +156,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="for containers run without --drain-policy (default live); their own policy wins")
     dr.add_argument("--dry-run", action="store_true", help="print the placement, change nothing")
     dr.add_argument("--json", action="store_true")
-    dr.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    dr.add_argument("--ssh-config", help=SSH_CONFIG_HELP)
 
     rc = sub.add_parser("recover", help="settle what interrupted migrations left undecided here, asking their "
                                         "other hosts (containers in-doubt run again here or are removed)")
     rc.add_argument("name", nargs="?", help="only this container")
-    rc.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    rc.add_argument("--ssh-config", help=SSH_CONFIG_HELP)
     rc.add_argument("--json", action="store_true")
 
     sub.add_parser("agent", help="(internal) the remote side of a migration, spoken to over SSH")
@@ -449,7 +450,7 @@ def dispatch(a) -> int:
             Snapshots(rt).remove(a.id)
             return 0
         if a.verb == "move":
-            from .controller import Migration  # paramiko is slow to import: only where it is needed
+            from .controller import Migration  # slow to import (CRIU, rich): only where it is needed
 
             if a.freeze_timeout is not None and a.freeze_timeout <= 0:
                 raise InvalidInput("--freeze-timeout must be positive")

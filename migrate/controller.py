@@ -13,7 +13,6 @@ import secrets
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -141,19 +140,16 @@ class Migration:
             states.check("migrate", rec.state, self.name)
         self.journal.begin(self.id, journal.SOURCE, self.name, self.spec.alias)
         try:
-            with tempfile.TemporaryDirectory(prefix="migrate-ssh-") as control_dir:
-                rsync = Rsync(self.spec, Path(control_dir))
-                with self.stats.phase("connect"):
-                    session = SSHSession.connect(self.spec)
+            with self.stats.phase("connect"):
+                session = SSHSession.connect(self.spec)
+            try:
+                agent = Agent(session.open_process(self.spec.remote_argv("agent")), self.spec.alias)
                 try:
-                    agent = Agent(session.open_process(self.spec.remote_argv("agent")), self.spec.alias)
-                    try:
-                        self._migrate(agent, rsync)
-                    finally:
-                        agent.proc.close()
+                    self._migrate(agent, Rsync(session))
                 finally:
-                    rsync.close()
-                    session.close()
+                    agent.proc.close()
+            finally:
+                session.close()
         except InDoubt:
             raise  # the journal stays open: `migrate recover` finishes it
         except BaseException:

@@ -195,7 +195,7 @@ def plan(rt: Runtime, d: Drain) -> None:
             facts[target] = future.result()
         except RemoteError as e:
             refused.update({(m.name, target): f"{target}: {e}" for m in moving})
-    from .controller import bytes_to_send  # paramiko is slow to import: only where it is needed
+    from .controller import bytes_to_send  # slow to import (CRIU, rich): only where it is needed
 
     for m in moving:
         rec = rt.catalog.container(m.name)

@@ -1,22 +1,23 @@
-"""Resolve a host name the way `ssh HOST` would, plus this tool's own per-host settings.
+"""Resolve a host name exactly as `ssh HOST` would, plus this tool's own per-host settings.
 
-Users already describe their hosts in ~/.ssh/config; reading it (with paramiko.SSHConfig) means
-`migrate ctr host-b` reaches the same machine, as the same user, with the same keys and the same
-known_hosts as `ssh host-b`. The tool's TOML config only adds what ssh cannot know: how to run
-`migrate` on the other side and where its state lives there.
+The answer is OpenSSH's own: `ssh -G [-F CONFIG] HOST` prints the options ssh would use, after
+Include, Match, canonicalization and %-tokens, so `migrate ctr host-b` reaches the same machine,
+as the same user, with the same keys, known_hosts, HostKeyAlias and ProxyJump as `ssh host-b`.
+The tool's TOML config only adds what ssh cannot know: how to run `migrate` on the other side and
+where its state lives there.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import re
 import shlex
+import socket
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import paramiko
 
 from runtime.errors import InvalidInput, NotFound
 
@@ -24,12 +25,14 @@ __all__ = [
     "DEFAULT_REMOTE_COMMAND",
     "DEFAULT_TOOL_CONFIG",
     "HostSpec",
+    "parse_ssh_g",
     "resolve_host",
     "validate_host_name",
 ]
 
 DEFAULT_TOOL_CONFIG = Path("/etc/migrate/config.toml")
 DEFAULT_REMOTE_COMMAND = ("migrate",)
+SSH_G_TIMEOUT = 30.0  # a `Match exec` runs a command: it must not hang resolution forever
 _HOST_TABLE_KEYS = {"command", "root", "env"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNSAFE_NAME = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -37,18 +40,26 @@ _UNSAFE_NAME = re.compile(r"[\s\x00-\x1f\x7f]")
 
 @dataclass(frozen=True)
 class HostSpec:
-    """Everything needed to reach one host and run the tool there; resolved once, passed around."""
+    """Everything needed to reach one host and run the tool there; resolved once, passed around.
+
+    OpenSSH is always run with `-F ssh_config` (None: its own default files) and the alias, so it
+    resolves the host itself; the resolved fields are for messages.
+    """
 
     alias: str
     hostname: str
     port: int
     user: str
-    identity_files: tuple[str, ...]
-    known_hosts_files: tuple[str, ...]
+    identity_files: tuple[str, ...] = ()
+    known_hosts_files: tuple[str, ...] = ()
     remote_command: tuple[str, ...] = DEFAULT_REMOTE_COMMAND
     remote_root: str | None = None
     remote_env: tuple[tuple[str, str], ...] = ()
     ssh_config: str | None = None
+    host_key_alias: str | None = None
+    proxy_jump: str | None = None
+    proxy_command: str | None = None
+    connect_timeout: int | None = None
 
     def remote_argv(self, *args: str) -> list[str]:
         """argv that runs the tool on the host with its MIGRATE_ROOT and extra env.
@@ -60,6 +71,12 @@ class HostSpec:
             assignments.append(("MIGRATE_ROOT", self.remote_root))
         prefix = ["env", *(f"{k}={v}" for k, v in assignments)] if assignments else []
         return [*prefix, *self.remote_command, *args]
+
+    @property
+    def where(self) -> str:
+        """The host as messages name it: the alias, and the address it stands for."""
+        address = self.hostname if self.port == 22 else f"{self.hostname}:{self.port}"
+        return self.alias if self.alias == address else f"{self.alias} ({address})"
 
 
 def validate_host_name(name: str) -> str:
@@ -81,47 +98,78 @@ def resolve_host(
     ssh_config: str | os.PathLike[str] | None = None,
     tool_config: str | os.PathLike[str] | None = None,
 ) -> HostSpec:
-    """Resolve NAME through the ssh config and the tool config.
+    """Resolve NAME through `ssh -G` and the tool config.
 
-    Paths default to $MIGRATE_SSH_CONFIG or ~/.ssh/config, and $MIGRATE_CONFIG or
-    /etc/migrate/config.toml. A default file may be missing; an explicitly named one may not.
-    A host in neither file is still valid: like ssh, its alias is its hostname.
+    The ssh config is SSH_CONFIG, else $MIGRATE_SSH_CONFIG, else OpenSSH's own defaults
+    (~/.ssh/config and /etc/ssh/ssh_config); the tool config is TOOL_CONFIG, else $MIGRATE_CONFIG,
+    else /etc/migrate/config.toml, which may be missing. A file named explicitly must exist.
+    A host in no file is still valid: like ssh, its alias is its hostname.
     """
     validate_host_name(name)
-    ssh_path = _pick_path(ssh_config, "MIGRATE_SSH_CONFIG", Path("~/.ssh/config").expanduser())
-    tool_path = _pick_path(tool_config, "MIGRATE_CONFIG", DEFAULT_TOOL_CONFIG)
-
-    options = _ssh_options(name, ssh_path)
-    hostname = options.get("hostname", name)
-    validate_host_name(hostname)
-    port = _port(options.get("port", "22"), name)
-    user = options.get("user") or getpass.getuser()
-    identity_files = tuple(os.path.expanduser(p) for p in options.get("identityfile", []) if p.lower() != "none")
-    user_files = _file_list(options.get("userknownhostsfile"), "~/.ssh/known_hosts")
-    global_files = _file_list(options.get("globalknownhostsfile"), "/etc/ssh/ssh_known_hosts")
-    known_hosts = tuple(
-        dict.fromkeys(_expand_tokens(p, hostname=hostname, port=port, user=user) for p in user_files + global_files)
-    )
-
+    ssh_path = _pick_path(ssh_config, "MIGRATE_SSH_CONFIG")
+    tool_path = _pick_path(tool_config, "MIGRATE_CONFIG") or DEFAULT_TOOL_CONFIG
+    options = parse_ssh_g(ssh_g(name, ssh_path))
     table = _host_table(name, tool_path)
+    return _spec(name, options, ssh_path, table)
+
+
+def ssh_g(name: str, config: Path | None) -> str:
+    """OpenSSH's resolution of NAME: the output of `ssh -G`. The seam unit tests replace."""
+    argv = ["ssh", "-G", *(["-F", str(config)] if config is not None else []), "--", name]
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SSH_G_TIMEOUT)
+    except FileNotFoundError:
+        raise NotFound("ssh (the OpenSSH client) is not installed: it resolves and reaches hosts") from None
+    except subprocess.TimeoutExpired:
+        raise InvalidInput(f"`ssh -G {name}` did not answer within {SSH_G_TIMEOUT:.0f} s (a Match exec?)") from None
+    if p.returncode != 0:
+        lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("Pseudo-terminal")]
+        raise InvalidInput(f"ssh config: cannot resolve {name}: {lines[0] if lines else f'status {p.returncode}'}")
+    return p.stdout
+
+
+def parse_ssh_g(text: str) -> dict[str, list[str]]:
+    """`ssh -G` prints one `keyword value` a line, lowercase, a keyword once per value."""
+    options: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key:
+            options.setdefault(key.lower(), []).append(value.strip())
+    return options
+
+
+def _spec(name: str, options: dict[str, list[str]], ssh_path: Path | None, table: dict) -> HostSpec:
+    def one(key: str) -> str | None:
+        value = options.get(key, [None])[0]
+        return None if value is None or value.lower() == "none" else value
+
+    hostname = validate_host_name(one("hostname") or name)
+    port = _port(one("port") or "22", name)
+    user = one("user") or pwd.getpwuid(os.getuid()).pw_name
+    tokens = _Tokens(alias=name, hostname=hostname, port=port, user=user, host_key_alias=one("hostkeyalias"))
+    known = [p for key in ("userknownhostsfile", "globalknownhostsfile") for p in (one(key) or "").split()]
     return HostSpec(
         alias=name,
         hostname=hostname,
         port=port,
         user=user,
-        identity_files=identity_files,
-        known_hosts_files=known_hosts,
+        identity_files=tokens.paths(options.get("identityfile", [])),
+        known_hosts_files=tuple(dict.fromkeys(p for p in tokens.paths(known) if p != "/dev/null")),
         remote_command=_remote_command(table.get("command"), name),
         remote_root=_remote_root(table.get("root"), name),
         remote_env=_remote_env(table.get("env", {}), name),
-        ssh_config=str(ssh_path) if ssh_path.exists() else None,
+        ssh_config=None if ssh_path is None else str(ssh_path),
+        host_key_alias=one("hostkeyalias"),
+        proxy_jump=one("proxyjump"),
+        proxy_command=one("proxycommand"),
+        connect_timeout=None if one("connecttimeout") is None else _number(one("connecttimeout"), "ConnectTimeout"),
     )
 
 
-def _pick_path(explicit: str | os.PathLike[str] | None, env_var: str, default: Path) -> Path:
+def _pick_path(explicit: str | os.PathLike[str] | None, env_var: str) -> Path | None:
     chosen = explicit if explicit is not None else os.environ.get(env_var)
     if chosen is None or chosen == "":
-        return default
+        return None
     path = Path(chosen).expanduser()
     if not path.exists():
         source = "given" if explicit is not None else f"${env_var}"
@@ -129,36 +177,42 @@ def _pick_path(explicit: str | os.PathLike[str] | None, env_var: str, default: P
     return path
 
 
-def _ssh_options(name: str, path: Path) -> dict:
-    if not path.exists():
-        return {"hostname": name}
+def _number(value: str, what: str) -> int:
     try:
-        return dict(paramiko.SSHConfig.from_path(str(path)).lookup(name))
-    except (paramiko.ssh_exception.ConfigParseError, OSError, ValueError) as e:
-        raise InvalidInput(f"cannot read ssh config {path}: {e}") from None
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"ssh config: {what} is not a number: {value!r}") from None
 
 
 def _port(value: str, name: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise InvalidInput(f"ssh config: Port for {name} is not a number: {value!r}") from None
+    port = _number(value, f"Port for {name}")
     if not 0 < port < 65536:
         raise InvalidInput(f"ssh config: Port for {name} is out of range: {port}")
     return port
 
 
-def _file_list(value: str | None, default: str) -> list[str]:
-    """Known-hosts options hold several paths; "none" and /dev/null mean no file at all."""
-    paths = shlex.split(value if value is not None else default)
-    return [os.path.expanduser(p) for p in paths if p.lower() != "none" and p != "/dev/null"]
+@dataclass(frozen=True)
+class _Tokens:
+    """The %-tokens and ~ that OpenSSH expands in file names when it opens them (`ssh -G`
+    prints IdentityFile and CertificateFile unexpanded); ~ is the passwd home, as for ssh."""
 
+    alias: str
+    hostname: str
+    port: int
+    user: str
+    host_key_alias: str | None
 
-def _expand_tokens(path: str, *, hostname: str, port: int, user: str) -> str:
-    """The ssh_config %-tokens that make sense in a known_hosts path (paramiko expands none)."""
-    tokens = {"%": "%", "d": os.path.expanduser("~"), "h": hostname, "p": str(port), "r": user,
-              "u": getpass.getuser()}
-    return re.sub(r"%(.)", lambda m: tokens.get(m.group(1), m.group(0)), path)
+    def paths(self, values: list[str]) -> tuple[str, ...]:
+        return tuple(self.expand(v) for v in values if v.lower() != "none")
+
+    def expand(self, path: str) -> str:
+        me = pwd.getpwuid(os.getuid())
+        table = {"%": "%", "d": me.pw_dir, "h": self.hostname, "p": str(self.port), "r": self.user,
+                 "u": me.pw_name, "n": self.alias, "i": str(os.getuid()), "l": socket.gethostname(),
+                 "k": self.host_key_alias or self.hostname}
+        if path == "~" or path.startswith("~/"):
+            path = me.pw_dir + path[1:]
+        return re.sub(r"%(.)", lambda m: table.get(m.group(1), m.group(0)), path)
 
 
 def _host_table(name: str, path: Path) -> dict:

@@ -61,7 +61,7 @@ def recover(rt: Runtime, name: str | None = None, ssh_config: str | None = None,
 
 
 def _resolve(rt: Runtime, rec, row, ssh_config: str | None, tool_config: str | None) -> Outcome:
-    from .controller import resolve_on  # paramiko is slow to import: only where it is needed
+    from .controller import resolve_on  # slow to import (CRIU, rich): only where it is needed
 
     outcome = row.outcome
     if outcome is None:

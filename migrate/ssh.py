@@ -1,9 +1,12 @@
-"""One paramiko connection to a resolved host: strict host keys, argv-only commands, clear errors.
+"""One OpenSSH connection to a resolved host: strict host keys, argv-only commands, clear errors.
 
-Host keys are checked against the spec's known_hosts files only and an unknown key is refused,
-never added: migrating a container to an impostor would hand it the container's memory.
-Every paramiko and socket exception is translated here into a one-line RemoteError, so callers
-never see a paramiko traceback.
+The connection is an OpenSSH ControlMaster started with the user's own ssh config (`-F` as
+resolved, and the alias), so ProxyJump, HostKeyAlias, certificates and `@revoked` or
+`@cert-authority` known_hosts lines work exactly as for `ssh HOST`. Commands, the agent and
+rsync all ride on it as multiplexed sessions: one login. Host keys are checked strictly
+(StrictHostKeyChecking=yes whatever the config says) and known_hosts is never edited:
+migrating a container to an impostor would hand it the container's memory. OpenSSH's failures
+are translated here into one-line RemoteErrors.
 """
 
 from __future__ import annotations
@@ -11,119 +14,92 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
+import math
 import queue
+import re
 import shlex
-import socket
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from errno import ECONNREFUSED
-
-import paramiko
+from pathlib import Path
+from typing import IO
 
 from migrate.hosts import HostSpec
 from migrate.protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, Heartbeat
 from runtime.errors import InvalidInput, PeerLost, RemoteError
 
-__all__ = ["RemoteProcess", "SSHSession", "rsync_ssh_command", "rsync_target"]
+__all__ = ["RemoteProcess", "SSHSession", "rsync_target"]
 
 _CHUNK = 65536
 _TAIL_LINE = 1000  # bytes kept of each line of the peer's stderr tail
 _TOO_LONG = object()  # queued in place of a line past MAX_LINE
 KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the connection is dead
 KEEPALIVE_COUNT = 3
-
-
-class _UnknownHostKey(paramiko.SSHException):
-    """Raised by the policy so an unknown key can be told apart from other SSH failures."""
-
-
-class _RejectUnknown(paramiko.RejectPolicy):
-    def missing_host_key(self, client, hostname, key):
-        raise _UnknownHostKey(hostname)
+MASTER_IDLE = 120  # seconds the connection outlives its last session should this process die without ending it
+_CONTROL_TIMEOUT = 30  # for `ssh -O` requests to the master, which answers at once
+_PROXY_FAILED = "Connection closed by UNKNOWN port"  # what ssh says when its jump (ProxyCommand) ends
 
 
 class SSHSession:
-    """An authenticated connection; commands run on it as separate exec channels."""
+    """An authenticated connection (an OpenSSH master); commands run on it as separate sessions."""
 
-    def __init__(self, spec: HostSpec, client: paramiko.SSHClient):
+    def __init__(self, spec: HostSpec, control_dir: Path):
         self.spec = spec
-        self._client = client
+        self.control_dir = control_dir
+        self._closed = False
 
     @classmethod
-    def connect(cls, spec: HostSpec, *, timeout: float = 10.0, allow_agent: bool = False) -> SSHSession:
-        """Log in to SPEC's host. The agent is off by default so the keys used are the spec's."""
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(_RejectUnknown())
-        for path in spec.known_hosts_files:
-            if os.path.isfile(path):
-                try:
-                    client.load_host_keys(path)
-                except (OSError, paramiko.SSHException) as e:
-                    client.close()
-                    raise InvalidInput(f"cannot read known_hosts file {path}: {e}") from None
-        identities = [p for p in spec.identity_files if os.path.isfile(p)]
+    def connect(cls, spec: HostSpec, *, timeout: float = 10.0) -> SSHSession:
+        """Log in to SPEC's host, within TIMEOUT seconds (or the config's ConnectTimeout) a hop."""
+        session = cls(spec, Path(tempfile.mkdtemp(prefix="migrate-ssh-")))
         try:
-            client.connect(
-                spec.hostname,
-                port=spec.port,
-                username=spec.user,
-                key_filename=identities or None,
-                look_for_keys=not spec.identity_files,
-                allow_agent=allow_agent,
-                timeout=timeout,
-                banner_timeout=timeout,
-                auth_timeout=timeout,
-            )
-        except Exception as e:
-            client.close()
-            error = _connect_error(spec, e, timeout)
-            if error is None:
-                raise
-            raise error from None
-        # paramiko only sends keepalives: its reader notices a dead peer when the socket does
-        client.get_transport().set_keepalive(KEEPALIVE_INTERVAL)
-        client.get_transport().sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return cls(spec, client)
+            session._start_master(timeout)
+        except BaseException:
+            shutil.rmtree(session.control_dir, ignore_errors=True)
+            raise
+        return session
 
-    @property
-    def transport(self) -> paramiko.Transport | None:
-        """The underlying transport, for port forwarding."""
-        return self._client.get_transport()
+    def ssh_argv(self) -> list[str]:
+        """OpenSSH argv (the host alias goes after it) for a client that rides on this connection:
+        rsync's -e, `-O forward`. Its ProxyCommand fails at once, so a client can never fall back
+        to a login of its own (slow, or to a master that is gone without anyone noticing)."""
+        return [*self._base(), "-o", "ControlMaster=no", "-o", "ProxyCommand=false"]
 
     def run(
         self, argv: list[str], input: bytes | None = None, timeout: float | None = 120.0
     ) -> tuple[int, bytes, bytes]:
         """Run ARGV to completion; return (exit status, stdout, stderr).
 
-        Exit status is -1 when the command died without one (killed by a signal). On timeout the
-        channel is closed, which does not kill the remote command: it only loses its pipes.
+        Exit status is 255 when the command died without one (killed by a signal), as with ssh.
+        On timeout the session is closed, which does not kill the remote command: it only loses
+        its pipes.
         """
-        chan = self._open(argv)
-        out, err = bytearray(), bytearray()
-        readers = [_thread(_drain, chan.recv, out.extend), _thread(_drain, chan.recv_stderr, err.extend)]
-        _thread(_feed, chan, input or b"")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        finished = chan.status_event.wait(timeout)
-        for reader in readers:
-            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            finished = finished and not reader.is_alive()
-        if not finished:
-            chan.close()
-            raise RemoteError(f"`{_show(argv)}` on {self.spec.alias} did not finish within {timeout} s")
-        status = chan.recv_exit_status()
-        chan.close()
-        if status == -1 and not self._connected():
+        proc = self._open(argv)
+        try:
+            out, err = proc.communicate(input or b"", timeout=timeout)
+        except BaseException as e:
+            _stop(proc)
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise RemoteError(f"`{_show(argv)}` on {self.spec.alias} did not finish within {timeout} s") from None
+            raise
+        if proc.returncode == 255 and not self._alive():
             raise RemoteError(f"lost the connection to {self.spec.alias} while running `{_show(argv)}`")
-        return status, bytes(out), bytes(err)
+        return proc.returncode, out, err
 
     def open_process(self, argv: list[str]) -> RemoteProcess:
         """Start ARGV as a long-lived peer speaking one JSON document per line on stdin/stdout."""
         return RemoteProcess(self._open(argv), f"`{_show(argv)}` on {self.spec.alias}")
 
     def close(self) -> None:
-        self._client.close()
+        """End the connection and every session on it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._control("exit")
+        shutil.rmtree(self.control_dir, ignore_errors=True)
 
     def __enter__(self) -> SSHSession:
         return self
@@ -131,33 +107,86 @@ class SSHSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connected(self) -> bool:
-        transport = self.transport
-        return transport is not None and transport.is_active()
+    def _base(self, control_path: str | None = None) -> list[str]:
+        """The user's config, and what this tool insists on whatever it says: strict host keys,
+        never a prompt, never an edit of known_hosts, our commands (not a RemoteCommand), one master
+        of our own."""
+        config = ["-F", self.spec.ssh_config] if self.spec.ssh_config is not None else []
+        return ["ssh", *config, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no", "-o", "RemoteCommand=none",
+                "-o", f"ControlPath={control_path or self.control_dir / 'master'}"]
 
-    def _open(self, argv: list[str]) -> paramiko.Channel:
+    def _start_master(self, timeout: float) -> None:
+        connect_timeout = self.spec.connect_timeout or max(1, math.ceil(timeout))
+        argv = [
+            *self._base(), "-o", "ControlMaster=yes", "-o", f"ControlPersist={MASTER_IDLE}",
+            "-o", f"ConnectTimeout={connect_timeout}",
+            # a peer that went silent (cut cable, frozen host) is noticed within 15 s
+            "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}", "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
+            "-o", "Ciphers=^aes128-gcm@openssh.com",  # the fastest on hosts with AES instructions
+            # the target gets nothing of this host's but the connection
+            "-o", "ClearAllForwardings=yes", "-o", "ForwardAgent=no", "-o", "ForwardX11=no",
+            "-N", "-f", "--", self.spec.alias,
+        ]
+        # each jump host may take its own ConnectTimeout, then the login
+        hops = 1 + (self.spec.proxy_jump or "").count(",") + bool(self.spec.proxy_jump)
+        limit = connect_timeout * hops + 2 * timeout
+        try:
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"ssh to {self.spec.where} did not log in within {limit:.0f} s") from None
+        except FileNotFoundError:
+            raise RemoteError("ssh (the OpenSSH client) is not installed") from None
+        if p.returncode != 0:
+            stderr = p.stderr.decode(errors="replace")
+            if (self.spec.proxy_jump or self.spec.proxy_command) and _PROXY_FAILED in stderr:
+                stderr = self._diagnose(connect_timeout, limit) or stderr
+            raise _login_error(self.spec, stderr)
+
+    def _diagnose(self, connect_timeout: int, limit: float) -> str | None:
+        """Why a login through a jump host failed, from a plain `ssh HOST true`: a master sends
+        its jump's (or ProxyCommand's) stderr to /dev/null, leaving only "connection closed"."""
+        argv = [*self._base("none"), "-o", f"ConnectTimeout={connect_timeout}", "-T", "--", self.spec.alias, "true"]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
+            if p.returncode == 255:
+                return p.stderr.decode(errors="replace")
+        return None
+
+    def _control(self, command: str) -> bool:
+        """An `ssh -O COMMAND` request to the master; whether it was granted."""
+        try:
+            p = subprocess.run([*self.ssh_argv(), "-O", command, "--", self.spec.alias], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=_CONTROL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return False
+        return p.returncode == 0
+
+    def _alive(self) -> bool:
+        return not self._closed and self._control("check")
+
+    def _open(self, argv: list[str]) -> subprocess.Popen:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InvalidInput("remote command must be a non-empty list of strings")
-        if not self._connected():
+        if self._closed:
             raise RemoteError(f"the connection to {self.spec.alias} is closed")
-        try:
-            chan = self.transport.open_session(timeout=30)
-            chan.exec_command(shlex.join(argv))
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            raise RemoteError(f"cannot start `{_show(argv)}` on {self.spec.alias}: {_reason(e)}") from None
-        return chan
+        # a session of its own: Ctrl-C or a dropped login (SIGINT, SIGHUP to the terminal's process
+        # group) reaches only the CLI, which unwinds and tells the agent
+        return subprocess.Popen([*self.ssh_argv(), "-T", "--", self.spec.alias, shlex.join(argv)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
 
 
 class RemoteProcess:
     """The local end of a remote line-delimited JSON peer (e.g. `migrate agent`).
 
     Both output streams are drained by threads: stdout into a queue of lines (so recv can time
-    out without touching the channel's shared timeout), stderr into a short tail that explains an
-    unexpected exit and keeps a chatty peer from stalling on a full window.
+    out), stderr into a short tail that explains an unexpected exit and keeps a chatty peer from
+    stalling on a full pipe.
     """
 
-    def __init__(self, chan: paramiko.Channel, what: str):
-        self._chan = chan
+    def __init__(self, proc: subprocess.Popen, what: str):
+        self._proc = proc
         self._what = what
         self._send_lock = threading.Lock()  # the heartbeat's thread writes too: whole lines only
         self._heard = time.monotonic()  # when the peer last sent anything, a heartbeat included
@@ -168,7 +197,7 @@ class RemoteProcess:
         self._stderr_tail: collections.deque[bytes] = collections.deque(maxlen=20)
         self._stderr = _LineSplitter(lambda line: self._stderr_tail.append(line[:_TAIL_LINE]))
         self._stdout_thread = _thread(self._pump_stdout)
-        self._stderr_thread = _thread(_drain, chan.recv_stderr, self._stderr.feed)
+        self._stderr_thread = _thread(_drain, proc.stderr, self._stderr.feed)
 
     def start_heartbeat(self) -> None:
         """From now on (both ends speak the protocol's heartbeat) send one every interval, and
@@ -217,8 +246,9 @@ class RemoteProcess:
     def _send_line(self, line: bytes) -> None:
         try:
             with self._send_lock:
-                self._chan.sendall(line + b"\n")
-        except (OSError, EOFError, paramiko.SSHException) as e:
+                self._proc.stdin.write(line + b"\n")
+                self._proc.stdin.flush()
+        except (OSError, ValueError) as e:  # ValueError: stdin already closed here
             raise PeerLost(f"cannot send to {self._what}: {_reason(e)}") from None
 
     def _line(self, line: bytes) -> None:
@@ -230,12 +260,13 @@ class RemoteProcess:
         """Send EOF (the peer's cue to exit), wait up to TIMEOUT, close. Exit status or -1."""
         if self._heartbeat is not None:
             self._heartbeat.stop()
-        if not self._chan.closed:
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                self._chan.shutdown_write()
-            self._chan.status_event.wait(timeout)
-        status = self._chan.exit_status if self._chan.exit_status_ready() else -1
-        self._chan.close()
+        with contextlib.suppress(OSError, ValueError), self._send_lock:
+            self._proc.stdin.close()
+        try:
+            status = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _stop(self._proc)
+            status = -1
         self._stdout_thread.join(1.0)
         self._stderr_thread.join(1.0)
         return status
@@ -247,16 +278,17 @@ class RemoteProcess:
         self.close()
 
     def _pump_stdout(self) -> None:
-        _drain(self._chan.recv, self._stdout.feed)
+        _drain(self._proc.stdout, self._stdout.feed)
         self._ended.set()
         self._lines.put(None)
 
     def _exit_message(self) -> str:
-        self._chan.status_event.wait(2.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(2.0)
         self._stderr_thread.join(1.0)
         self._stderr.flush()
         last = next((ln for ln in reversed(self._stderr_tail) if ln.strip()), b"")
-        status = self._chan.exit_status if self._chan.exit_status_ready() else -1
+        status = self._proc.returncode if self._proc.returncode is not None else -1
         detail = last.decode(errors="replace").strip()
         return f"{self._what} exited (status {status})" + (f": {detail}" if detail else "")
 
@@ -296,77 +328,48 @@ class _LineSplitter:
         self._partial.clear()
 
 
-def rsync_ssh_command(spec: HostSpec, *, connect_timeout: int = 10) -> list[str]:
-    """OpenSSH argv for rsync's -e (pass it as `shlex.join(...)`), with the spec's identity.
-
-    Everything paramiko uses is set explicitly, so rsync reaches the same host with the same
-    user, port, keys and known_hosts, refuses unknown keys and never prompts or edits known_hosts.
-    Use `rsync_target(spec, path)` for the remote side so the ssh config's Host block matches too.
-    """
-    known = " ".join(_ssh_quote(p) for p in spec.known_hosts_files) or "/dev/null"
-    argv = [
-        "ssh",
-        "-F", spec.ssh_config or "/dev/null",
-        "-o", f"HostName={spec.hostname}",
-        "-p", str(spec.port),
-        "-l", spec.user,
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={known}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "CheckHostIP=no",
-        "-o", "UpdateHostKeys=no",
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"ConnectTimeout={connect_timeout}",
-        # a peer that went silent (cut cable, frozen host) is noticed within 15 s
-        "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
-        "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
-    ]
-    for path in spec.identity_files:
-        argv += ["-i", path]
-    return argv
-
-
 def rsync_target(spec: HostSpec, path: str) -> str:
     """rsync's HOST:PATH for the spec (an IPv6-like alias needs brackets)."""
     host = f"[{spec.alias}]" if ":" in spec.alias else spec.alias
     return f"{host}:{path}"
 
 
-def _connect_error(spec: HostSpec, e: BaseException, timeout: float) -> RemoteError | None:
-    where = spec.alias if spec.alias == spec.hostname else f"{spec.alias} ({spec.hostname})"
-    address = f"{spec.hostname}:{spec.port}"
-    key_name = spec.hostname if spec.port == 22 else f"[{spec.hostname}]:{spec.port}"
+def _login_error(spec: HostSpec, stderr: str) -> RemoteError:
+    """The one line to tell the user why OpenSSH could not log in, from what it printed."""
+    lines = [ln.strip() for ln in stderr.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("@", "Pseudo-terminal", "Warning: Permanently"))]
+    first = lines[0] if lines else "ssh failed without a message"
     files = ", ".join(spec.known_hosts_files) or "no file configured"
-    if isinstance(e, _UnknownHostKey):
-        return RemoteError(
-            f"host key for {where} ({key_name}) is not in known_hosts ({files}); "
-            "add it with ssh-keyscan or ssh once"
-        )
-    if isinstance(e, paramiko.BadHostKeyException):
-        return RemoteError(f"host key for {where} ({key_name}) does not match known_hosts ({files}): refusing")
-    if isinstance(e, paramiko.PasswordRequiredException):
-        return RemoteError(f"identity file for {spec.user}@{where} needs a passphrase; load it into an agent")
-    if isinstance(e, paramiko.AuthenticationException):
-        tried = ", ".join(spec.identity_files) or "default ~/.ssh/id_* keys"
-        return RemoteError(f"authentication as {spec.user}@{where} failed (keys: {tried})")
-    if isinstance(e, paramiko.SSHException) and "No authentication methods" in str(e):
-        wanted = ", ".join(spec.identity_files) or "~/.ssh/id_*"
-        return RemoteError(f"no usable identity file to log in as {spec.user}@{where} ({wanted})")
-    if isinstance(e, socket.gaierror):
-        return RemoteError(f"cannot resolve host name {spec.hostname}: {e.strerror}")
-    if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
-        if all(err.errno == ECONNREFUSED for err in e.errors.values()):
-            return RemoteError(f"connection to {where} at {address} refused")
-        return RemoteError(f"cannot connect to {where} at {address}: host unreachable")
-    if isinstance(e, (socket.timeout, TimeoutError)):
-        return RemoteError(f"connection to {where} at {address} timed out after {timeout} s")
-    if isinstance(e, paramiko.SSHException) and ("protocol banner" in str(e) or "No existing session" in str(e)):
-        # paramiko reports a stalled handshake either way, depending on which timer fires first
-        return RemoteError(f"{where} at {address} did not complete the SSH handshake within {timeout} s")
-    if isinstance(e, (OSError, paramiko.SSHException, EOFError)):
-        return RemoteError(f"ssh to {where} at {address} failed: {_reason(e)}")
-    return None
+    key = f"host key for {spec.where}" + (f" (HostKeyAlias {spec.host_key_alias})" if spec.host_key_alias else "")
+    if spec.proxy_jump or spec.proxy_command:
+        # the jump's own ssh (or the command) failed: the outer ssh only saw its connection close
+        if _PROXY_FAILED in stderr:
+            via = f"jump host {spec.proxy_jump}" if spec.proxy_jump else f"ProxyCommand `{spec.proxy_command}`"
+            return RemoteError(f"cannot reach {spec.where} through {via}: {first}")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
+        return RemoteError(f"{key} does not match known_hosts ({files}): refusing")
+    if "REVOKED HOST KEY" in stderr or "marked as revoked" in stderr:
+        return RemoteError(f"{key} is marked @revoked in known_hosts ({files}): refusing")
+    if "host key is known for" in stderr or "Host key verification failed" in stderr:
+        return RemoteError(f"{key} is not in known_hosts ({files}); add it with ssh-keyscan or ssh once")
+    denied = next((ln for ln in lines if "Permission denied" in ln), None)
+    if denied is not None:
+        keys = ", ".join(spec.identity_files) or "none"
+        reason = re.sub(r"^\S+@\S+: ", "", denied)  # ssh names user@hostname: we did already
+        return RemoteError(f"authentication as {spec.user}@{spec.where} failed: {reason} (identity files: {keys})")
+    if first.startswith("ssh: "):
+        first = first[len("ssh: "):]
+    return RemoteError(f"ssh to {spec.where} failed: {first}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a session's local client. Its pipes are closed, not read to their end: the master holds
+    their other ends (the client passed them over) until the remote command finishes."""
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 def _reason(e: BaseException) -> str:
@@ -380,34 +383,19 @@ def _show(argv: list[str]) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _ssh_quote(path: str) -> str:
-    """ssh splits option values on whitespace but honours double quotes."""
-    return f'"{path}"' if any(c.isspace() for c in path) else path
-
-
 def _thread(target: Callable[..., None], *args: object) -> threading.Thread:
     thread = threading.Thread(target=target, args=args, daemon=True)
     thread.start()
     return thread
 
 
-def _drain(read: Callable[[int], bytes], sink: Callable[[bytes], None]) -> None:
-    """Copy a channel stream into SINK until EOF or close."""
+def _drain(stream: IO[bytes], sink: Callable[[bytes], None]) -> None:
+    """Copy a pipe into SINK until EOF."""
     while True:
         try:
-            data = read(_CHUNK)
-        except (OSError, EOFError, paramiko.SSHException):
+            data = stream.read1(_CHUNK)
+        except (OSError, ValueError):
             return
         if not data:
             return
         sink(data)
-
-
-def _feed(chan: paramiko.Channel, data: bytes) -> None:
-    """Write stdin then EOF, in its own thread so a peer that writes before it reads cannot deadlock us."""
-    try:
-        if data:
-            chan.sendall(data)
-        chan.shutdown_write()
-    except (OSError, EOFError, paramiko.SSHException):
-        pass

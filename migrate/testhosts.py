@@ -6,9 +6,9 @@ MIGRATE_ROOT and HOME (set by sshd's SetEnv, with MIGRATE_CONFIG pointing at thi
 config, so every command run there sees them; a private HOME also keeps this machine's
 ~/.bashrc, ~0.1 s per command here, out of remote commands).
 A client ssh config, known_hosts and key are written beside them and into each host's
-$HOME/.ssh, so the code under test, here or on any of the hosts, reaches `host-b` by name
-exactly as it would a real machine. (OpenSSH's own `ssh` on a host reads the passwd home,
-/root/.ssh, not $HOME: give it `-F ~/.ssh/config`, as rsync_ssh_command does.)
+$HOME/.ssh, and MIGRATE_SSH_CONFIG names that config there, so the code under test, here or on
+any of the hosts, reaches `host-b` by name exactly as it would a real machine. (OpenSSH reads
+the passwd home, /root/.ssh, not $HOME: hence MIGRATE_SSH_CONFIG, which the tool gives ssh as -F.)
 
 Every name carries a random suffix, so parallel or leftover runs never clash. Teardown always
 runs (explicitly, via `with`, or at exit) and removes everything it made; sshd is killed by pid
@@ -59,7 +59,7 @@ PermitRootLogin prohibit-password
 MaxStartups 100:30:200
 MaxSessions 100
 PrintMotd no
-SetEnv MIGRATE_ROOT={root} HOME={home} MIGRATE_CONFIG={tool_config}
+SetEnv MIGRATE_ROOT={root} HOME={home} MIGRATE_CONFIG={tool_config} MIGRATE_SSH_CONFIG={home}/.ssh/config
 """
 _CLIENT_HOST = """\
 Host {name}
@@ -156,6 +156,15 @@ class TestHosts:
         """NAME resolved through this set's own ssh config and tool config only."""
         return resolve_host(name, ssh_config=self.ssh_config, tool_config=self.tool_config)
 
+    def client_entry(self, alias: str, name: str, **options: str) -> str:
+        """An ssh_config `Host ALIAS` block reaching host NAME with this set's key and known_hosts.
+        OPTIONS (ssh_config keywords) come first, so they win over those defaults."""
+        host = self.hosts[name]
+        lines = [f"    {key} {value}\n" for key, value in options.items()]
+        default = _CLIENT_HOST.format(name=alias, ip=host.ip, key=self.client_key, known_hosts=self.known_hosts)
+        first, _, rest = default.partition("\n")
+        return "".join([first + "\n", *lines, rest])
+
     def env(self) -> dict[str, str]:
         """Environment for a `migrate` subprocess that should see exactly these hosts."""
         return {"MIGRATE_SSH_CONFIG": str(self.ssh_config), "MIGRATE_CONFIG": str(self.tool_config)}
@@ -250,12 +259,7 @@ class TestHosts:
 
     def _write_client_files(self, remote_command: Sequence[str] | None) -> None:
         self.known_hosts.write_text("".join(f"{h.ip} {h.host_key}\n" for h in self))
-        self.ssh_config.write_text(
-            "\n".join(
-                _CLIENT_HOST.format(name=h.name, ip=h.ip, key=self.client_key, known_hosts=self.known_hosts)
-                for h in self
-            )
-        )
+        self.ssh_config.write_text("\n".join(self.client_entry(h.name, h.name) for h in self))
         for host in self:
             shutil.copyfile(self.ssh_config, host.home / ".ssh" / "config")
         tables = ""

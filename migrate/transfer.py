@@ -1,8 +1,8 @@
 """Moving files to the other host: which layers it lacks, and rsync over SSH with progress.
 
-rsync uses OpenSSH with the same user, key and known_hosts as the control connection, and
-one multiplexed SSH connection (ControlMaster) for all its runs, so the runs inside the
-freeze window do not pay for a new SSH login each.
+rsync runs over the control connection itself (a session multiplexed on its OpenSSH master),
+so it reaches the host exactly as that did, and the runs inside the freeze window do not pay
+for a new SSH login each.
 """
 
 import contextlib
@@ -22,7 +22,7 @@ from runtime.errors import RemoteError
 
 from .hosts import HostSpec
 from .output import err
-from .ssh import rsync_ssh_command, rsync_target
+from .ssh import SSHSession, rsync_target
 
 # --modify-window=-1: compare mtimes to the nanosecond (receiver rsync >= 3.1.3). By default
 # rsync compares whole seconds, and a file rewritten in place with the same size within the
@@ -75,18 +75,16 @@ class DelayedProgress:
 
 @dataclass
 class Rsync:
-    spec: HostSpec
-    control_dir: Path
+    session: SSHSession
 
-    def ssh_argv(self) -> list[str]:
-        return [*rsync_ssh_command(self.spec),
-                "-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C", "-o", "ControlPersist=120",
-                "-o", "Ciphers=^aes128-gcm@openssh.com"]
+    @property
+    def spec(self) -> HostSpec:
+        return self.session.spec
 
     def argv(self, sources: list[Path], dest: str, delete: bool = False, timeout: float | None = None,
              keep: tuple[str, ...] = ()) -> list[str]:
         """keep: patterns of files there that --delete must leave (what another writer put there)."""
-        argv = ["rsync", *RSYNC_FLAGS, "-e", shlex.join(self.ssh_argv())]
+        argv = ["rsync", *RSYNC_FLAGS, "-e", shlex.join(self.session.ssh_argv())]
         if delete:
             argv.append("--delete")
         argv += [f"--exclude={pattern}" for pattern in keep]
@@ -141,20 +139,16 @@ class Rsync:
 
     def master_pid(self) -> int | None:
         """The PID of the shared connection's ssh (what every forward goes through), if it runs."""
-        p = subprocess.run([*self.ssh_argv(), "-O", "check", self.spec.alias], capture_output=True, text=True,
-                           timeout=30)
+        p = subprocess.run([*self.session.ssh_argv(), "-O", "check", "--", self.spec.alias], capture_output=True,
+                           text=True, timeout=30)
         m = re.search(r"pid=(\d+)", p.stderr + p.stdout)
         return int(m.group(1)) if p.returncode == 0 and m else None
 
     def _forwarding(self, command: str, forward: str) -> None:
-        p = subprocess.run([*self.ssh_argv(), "-O", command, "-R", forward, self.spec.alias],
+        p = subprocess.run([*self.session.ssh_argv(), "-O", command, "-R", forward, "--", self.spec.alias],
                            capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             raise RemoteError(f"cannot {command} a socket to {self.spec.alias}: {p.stderr.strip() or p.returncode}")
-
-    def close(self) -> None:
-        """End the shared SSH connection."""
-        subprocess.run([*self.ssh_argv(), "-O", "exit", self.spec.alias], capture_output=True, timeout=30)
 
 
 def _lines(stream):

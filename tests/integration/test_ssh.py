@@ -1,6 +1,5 @@
 import dataclasses
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from migrate.hosts import HostSpec, resolve_host
-from migrate.ssh import SSHSession, rsync_ssh_command, rsync_target
+from migrate.hosts import resolve_host
+from migrate.ssh import SSHSession
+from migrate.transfer import Rsync
 from runtime.errors import RemoteError
 
 root = pytest.mark.root
@@ -85,14 +85,21 @@ def test_run_passes_argv_verbatim_and_streams(test_hosts):
         assert session.run(["true"])[0] == 0
 
 
+def resolve(hosts, tmp_path, text, name):
+    """NAME resolved through an ssh config holding TEXT (and this set's tool config)."""
+    config = tmp_path / f"ssh_config-{name}"
+    config.write_text(text)
+    return resolve_host(name, ssh_config=config, tool_config=hosts.tool_config)
+
+
 @root
 def test_changed_host_key_is_refused(test_hosts, tmp_path):
     hosts = test_hosts(2)
     a, b = hosts["host-a"], hosts["host-b"]
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"{a.ip} {b.host_key}\n")
-    spec = dataclasses.replace(hosts.spec("host-a"), known_hosts_files=(str(wrong),))
-    with pytest.raises(RemoteError, match=r"host key for host-a \(.*\) does not match known_hosts.*refusing"):
+    spec = resolve(hosts, tmp_path, hosts.client_entry("changed", "host-a", UserKnownHostsFile=wrong), "changed")
+    with pytest.raises(RemoteError, match=r"^host key for changed \(.*\) does not match known_hosts.*refusing$"):
         SSHSession.connect(spec)
 
 
@@ -101,9 +108,10 @@ def test_unknown_host_key_is_refused_and_not_added(test_hosts, tmp_path):
     hosts = test_hosts(1)
     other = tmp_path / "known_hosts"
     other.write_text("10.0.0.1 " + hosts["host-a"].host_key + "\n")
-    spec = dataclasses.replace(hosts.spec("host-a"), known_hosts_files=(str(other), str(tmp_path / "absent")))
+    entry = hosts.client_entry("stranger", "host-a", UserKnownHostsFile=f"{other} {tmp_path / 'absent'}",
+                               StrictHostKeyChecking="accept-new")  # the tool insists on strict all the same
     with pytest.raises(RemoteError, match=r"is not in known_hosts \(.*known_hosts.*\); add it with ssh-keyscan"):
-        SSHSession.connect(spec)
+        SSHSession.connect(resolve(hosts, tmp_path, entry, "stranger"))
     assert other.read_text() == "10.0.0.1 " + hosts["host-a"].host_key + "\n"
     assert not (tmp_path / "absent").exists()
 
@@ -113,37 +121,40 @@ def test_authentication_failures(test_hosts, tmp_path):
     hosts = test_hosts(1)
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    spec = hosts.spec("host-a")
-    with pytest.raises(RemoteError, match="authentication as root@host-a .* failed"):
-        SSHSession.connect(dataclasses.replace(spec, identity_files=(str(stranger),)))
-    with pytest.raises(RemoteError, match="no usable identity file"):
-        SSHSession.connect(dataclasses.replace(spec, identity_files=(str(tmp_path / "missing"),)))
+    for key in (stranger, tmp_path / "missing"):
+        # written out: IdentityFile adds to a list, so client_entry's own key would be tried too
+        entry = (f"Host h\n  HostName {hosts['host-a'].ip}\n  User root\n  IdentityFile {key}\n"
+                 f"  IdentitiesOnly yes\n  UserKnownHostsFile {hosts.known_hosts}\n")
+        spec = resolve(hosts, tmp_path, entry, "h")
+        with pytest.raises(RemoteError, match=r"^authentication as root@h \(.*\) failed: Permission denied"):
+            SSHSession.connect(spec)
 
 
 @root
-def test_rsync_uses_the_same_identity_and_host_keys(test_hosts, tmp_path):
+def test_rsync_rides_on_the_control_connection(test_hosts, tmp_path):
     hosts = test_hosts(2)
     source = tmp_path / "src"
     (source / "sub dir").mkdir(parents=True)
     (source / "sub dir" / "file one").write_bytes(b"x" * 100_000)
     (source / "top").write_text("top\n")
-    spec = hosts.spec("host-b")
     target = hosts["host-b"].root / "copy"
-    result = subprocess.run(
-        ["rsync", "-a", "-e", shlex.join(rsync_ssh_command(spec)), f"{source}/", rsync_target(spec, str(target))],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert (target / "sub dir" / "file one").read_bytes() == b"x" * 100_000
-    assert (target / "top").read_text() == "top\n"
-    # the same command refuses a host whose key it does not know
-    stranger = dataclasses.replace(spec, known_hosts_files=(str(tmp_path / "empty"),))
-    (tmp_path / "empty").write_text("")
-    result = subprocess.run(
-        ["rsync", "-a", "-e", shlex.join(rsync_ssh_command(stranger)), f"{source}/", rsync_target(spec, "/tmp/x")],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode != 0 and "Host key verification failed" in result.stderr
+    with SSHSession.connect(hosts.spec("host-b")) as session:
+        Rsync(session).send([source], f"{target}/", "test files", 0)
+        Rsync(session).send([source], f"{target}/", "test files", 0)
+    assert (target / "src" / "sub dir" / "file one").read_bytes() == b"x" * 100_000
+    assert (target / "src" / "top").read_text() == "top\n"
+    assert logins(hosts["host-b"]) == [bridge(hosts)]  # one login, from here: both rsyncs rode on it
+
+
+def logins(host):
+    """The address each login to HOST came from, as its sshd logged it."""
+    lines = host.sshd_log.read_text().splitlines()
+    return [ln.split(" from ")[1].split()[0] for ln in lines if ln.startswith("Accepted publickey")]
+
+
+def bridge(hosts):
+    """This machine's address on the hosts' bridge: where a direct login comes from."""
+    return hosts["host-a"].ip.rsplit(".", 1)[0] + ".1"
 
 
 @root
@@ -169,6 +180,32 @@ def test_json_peer_over_open_process(test_hosts):
         with pytest.raises(RemoteError, match="not JSON"):
             liar.recv(timeout=10)
         liar.close()
+
+
+SIGNALLED = """\
+import os, signal, sys
+from migrate.hosts import resolve_host
+from migrate.ssh import SSHSession
+with SSHSession.connect(resolve_host("host-a")) as session:
+    peer = session.open_process([sys.executable, "-c", sys.argv[1]])
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+        os.killpg(0, sig)  # as the terminal would: to this process's whole group
+    peer.send({"still": "there"})
+    print(peer.recv(timeout=10), peer.close())
+"""
+
+
+@root
+def test_a_signal_to_the_terminals_process_group_spares_the_peer(test_hosts):
+    """Ctrl-C or a dropped login (SIGINT, SIGHUP to the process group) is the CLI's to handle: it
+    unwinds and tells the agent. The agent's session must not die with the group before that.
+    (Run in a process group of its own, so the signals reach nothing of the test run's.)"""
+    hosts = test_hosts(1)
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", SIGNALLED, ECHO_PEER], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **hosts.env(), "PYTHONPATH": str(repo)}, start_new_session=True)
+    assert (result.returncode, result.stdout) == (0, "{'echo': {'still': 'there'}} 0\n"), result.stderr
 
 
 @root
@@ -227,31 +264,33 @@ def _alive(pid):
         return False
 
 
-def _loopback_spec(port):
-    return HostSpec("lo-test", "127.0.0.1", port, "root", (), ())
+def _loopback(tmp_path, port):
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host lo-test\n    HostName 127.0.0.1\n    Port {port}\n")
+    return resolve_host("lo-test", ssh_config=config)
 
 
-def test_connection_refused_is_one_line():
+def test_connection_refused_is_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(RemoteError, match=rf"connection to lo-test \(127.0.0.1\) at 127.0.0.1:{port} refused"):
-        SSHSession.connect(_loopback_spec(port))
+    with pytest.raises(RemoteError, match=rf"^ssh to lo-test \(127.0.0.1:{port}\) failed: connect to host "
+                                          rf"127.0.0.1 port {port}: Connection refused$"):
+        SSHSession.connect(_loopback(tmp_path, port))
 
 
-def test_silent_server_times_out():
+def test_silent_server_times_out(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        with pytest.raises(RemoteError, match="did not complete the SSH handshake within 0.5 s"):
-            SSHSession.connect(_loopback_spec(s.getsockname()[1]), timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match=r"^ssh to lo-test .* failed: Connection timed out during banner"):
+            SSHSession.connect(_loopback(tmp_path, s.getsockname()[1]), timeout=0.5)
+        assert time.monotonic() - started < 5
 
 
-def test_unresolvable_name(monkeypatch):
-    def no_dns(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    spec = dataclasses.replace(_loopback_spec(22), hostname="nowhere.invalid")
-    with pytest.raises(RemoteError, match="cannot resolve host name nowhere.invalid: Name or service not known"):
+def test_unknown_host_is_one_line(tmp_path):
+    (tmp_path / "empty").write_text("")
+    spec = resolve_host("nowhere.invalid", ssh_config=tmp_path / "empty")
+    with pytest.raises(RemoteError, match="^ssh to nowhere.invalid failed: Could not resolve hostname nowhere.invalid"):
         SSHSession.connect(spec)

@@ -1,24 +1,22 @@
-import getpass
-import shlex
+import os
+import pwd
 
 import pytest
 
-from migrate.hosts import HostSpec, resolve_host, validate_host_name
-from migrate.ssh import rsync_ssh_command, rsync_target
+from migrate import hosts
+from migrate.hosts import HostSpec, parse_ssh_g, resolve_host, validate_host_name
 from runtime.errors import InvalidInput, NotFound
+
+HOME = pwd.getpwuid(os.getuid()).pw_dir  # what OpenSSH's ~ means: the passwd home, not $HOME
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """No real ~/.ssh/config or /etc/migrate/config.toml leaks into these tests."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("MIGRATE_SSH_CONFIG", raising=False)
-    empty = tmp_path / "empty.toml"
+    """Neither /etc/migrate/config.toml nor this machine's ssh config leaks into these tests."""
+    empty = tmp_path / "empty"
     empty.write_text("")
+    monkeypatch.setenv("MIGRATE_SSH_CONFIG", str(empty))
     monkeypatch.setenv("MIGRATE_CONFIG", str(empty))
-    return home
 
 
 def write(path, text):
@@ -27,50 +25,115 @@ def write(path, text):
     return path
 
 
-SSH_CONFIG = """\
-Host host-b
-    HostName 10.1.2.3
-    User admin
-    Port 2222
-    IdentityFile ~/.ssh/id_b
-    IdentityFile /keys/second
-    UserKnownHostsFile ~/kh/one "/with space/two"
+@pytest.fixture
+def fake_ssh_g(monkeypatch):
+    """Replace `ssh -G` by canned output; records the (name, config) it was asked for."""
+    asked = []
 
-Host *
-    IdentityFile ~/.ssh/id_all
-    GlobalKnownHostsFile none
+    def install(output: str):
+        def ssh_g(name, config):
+            asked.append((name, config))
+            return output
+
+        monkeypatch.setattr(hosts, "ssh_g", ssh_g)
+        return asked
+
+    return install
+
+
+# What OpenSSH 9.2 prints, cut down to what the tool reads, plus a few it ignores.
+SSH_G = """\
+user admin
+hostname 10.1.2.3
+port 2222
+stricthostkeychecking ask
+hostkeyalias box-b
+identityfile ~/.ssh/id_%h
+identityfile /keys/second
+certificatefile ~/.ssh/id_b-cert.pub
+globalknownhostsfile /etc/ssh/ssh_known_hosts /dev/null
+userknownhostsfile /root/kh/one /root/kh/two
+connecttimeout 7
+proxyjump jump@gate:2200,inner
+proxycommand none
 """
 
 
-def test_ssh_config_is_honoured(tmp_path, isolated):
-    config = write(tmp_path / "ssh_config", SSH_CONFIG)
+def test_ssh_g_output_makes_the_spec(fake_ssh_g, tmp_path):
+    config = write(tmp_path / "ssh_config", "")
+    asked = fake_ssh_g(SSH_G)
     spec = resolve_host("host-b", ssh_config=config)
+    assert asked == [("host-b", config)]
     assert (spec.alias, spec.hostname, spec.user, spec.port) == ("host-b", "10.1.2.3", "admin", 2222)
-    assert spec.identity_files == (f"{isolated}/.ssh/id_b", "/keys/second", f"{isolated}/.ssh/id_all")
-    assert spec.known_hosts_files == (f"{isolated}/kh/one", "/with space/two")
-    assert spec.ssh_config == str(config)
+    assert spec.identity_files == (f"{HOME}/.ssh/id_10.1.2.3", "/keys/second")
+    assert spec.known_hosts_files == ("/root/kh/one", "/root/kh/two", "/etc/ssh/ssh_known_hosts")
+    assert (spec.host_key_alias, spec.proxy_jump, spec.proxy_command) == ("box-b", "jump@gate:2200,inner", None)
+    assert spec.connect_timeout == 7 and spec.ssh_config == str(config)
+    assert spec.where == "host-b (10.1.2.3:2222)"
 
 
-def test_unknown_host_is_its_own_hostname(isolated):
-    spec = resolve_host("plain.example")
-    assert (spec.hostname, spec.port, spec.user) == ("plain.example", 22, getpass.getuser())
-    assert spec.identity_files == ()
-    assert spec.known_hosts_files == (f"{isolated}/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+def test_parse_keeps_every_value_of_a_repeated_keyword():
+    assert parse_ssh_g("identityfile a\nIdentityFile b c\n\nport 22\n") == {
+        "identityfile": ["a", "b c"], "port": ["22"]}
+
+
+def test_none_values_mean_nothing(fake_ssh_g):
+    fake_ssh_g("user u\nhostname h\nport 22\nidentityfile none\nuserknownhostsfile none\n"
+               "globalknownhostsfile /dev/null\nhostkeyalias none\nconnecttimeout none\n")
+    spec = resolve_host("h")
+    assert spec.identity_files == spec.known_hosts_files == ()
+    assert spec.host_key_alias is None and spec.connect_timeout is None and spec.where == "h"
+
+
+def test_without_a_config_ssh_uses_its_own_defaults(fake_ssh_g, tmp_path, monkeypatch):
+    asked = fake_ssh_g("user u\nhostname h\nport 22\n")
+    monkeypatch.delenv("MIGRATE_SSH_CONFIG")
+    assert resolve_host("h").ssh_config is None
+    monkeypatch.setenv("MIGRATE_SSH_CONFIG", str(write(tmp_path / "env_config", "")))
+    resolve_host("h")
+    assert asked == [("h", None), ("h", tmp_path / "env_config")]
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000"])
+def test_bad_port(fake_ssh_g, port):
+    fake_ssh_g(f"user u\nhostname h\nport {port}\n")
+    with pytest.raises(InvalidInput, match="Port"):
+        resolve_host("h")
+
+
+def test_hostname_from_ssh_is_validated_too(fake_ssh_g):
+    fake_ssh_g("user u\nhostname -oProxyCommand=x\nport 22\n")
+    with pytest.raises(InvalidInput, match="must not start with '-'"):
+        resolve_host("h")
+
+
+# The real `ssh -G` on config files: what it resolves that paramiko's parser did not.
+
+
+def test_include_match_and_tokens_resolve_as_openssh_does(tmp_path):
+    included = write(tmp_path / "conf.d" / "lab.conf",
+                     "Host lab-*\n  User labuser\nHost lab-b\n  HostName 10.9.0.2\n  HostKeyAlias lab-b.key\n"
+                     "  ProxyJump lab-gate\n  IdentityFile %d/.ssh/lab_%r\n  UserKnownHostsFile /kh/%h\n")
+    config = write(tmp_path / "ssh_config", f"Include {included.parent}/*.conf\n"
+                   "Match originalhost lab-b exec true\n  Port 2202\n")
+    spec = resolve_host("lab-b", ssh_config=config)
+    assert (spec.hostname, spec.user, spec.port) == ("10.9.0.2", "labuser", 2202)
+    assert (spec.host_key_alias, spec.proxy_jump) == ("lab-b.key", "lab-gate")
+    assert spec.identity_files == (f"{HOME}/.ssh/lab_labuser",)
+    assert spec.known_hosts_files[0] == "/kh/10.9.0.2"
+
+
+def test_unknown_host_is_its_own_hostname(tmp_path):
+    spec = resolve_host("plain.example", ssh_config=write(tmp_path / "c", ""))
+    assert (spec.hostname, spec.port, spec.user) == ("plain.example", 22, pwd.getpwuid(os.getuid()).pw_name)
+    assert spec.proxy_jump is None and spec.host_key_alias is None
     assert spec.remote_command == ("migrate",) and spec.remote_root is None and spec.remote_env == ()
-    assert spec.ssh_config is None
 
 
-def test_default_ssh_config_is_home_one(isolated):
-    write(isolated / ".ssh" / "config", "Host h\n  HostName 10.9.9.9\n")
-    assert resolve_host("h").hostname == "10.9.9.9"
-
-
-def test_env_var_then_explicit_argument_win(tmp_path, monkeypatch):
-    from_env = write(tmp_path / "env_config", "Host h\n  Port 2001\n")
-    explicit = write(tmp_path / "explicit", "Host h\n  Port 2002\n")
-    monkeypatch.setenv("MIGRATE_SSH_CONFIG", str(from_env))
-    assert resolve_host("h").port == 2001
-    assert resolve_host("h", ssh_config=explicit).port == 2002
+def test_bad_ssh_config_is_one_line(tmp_path):
+    config = write(tmp_path / "c", "Host h\n  Bogus 1\n")
+    with pytest.raises(InvalidInput, match=r"^ssh config: cannot resolve h: .*line 2: Bad configuration option"):
+        resolve_host("h", ssh_config=config)
 
 
 @pytest.mark.parametrize("kind", ["ssh_config", "tool_config"])
@@ -83,31 +146,6 @@ def test_missing_env_config_is_not_found(tmp_path, monkeypatch):
     monkeypatch.setenv("MIGRATE_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(NotFound, match="MIGRATE_CONFIG"):
         resolve_host("h")
-
-
-def test_known_hosts_tokens_and_none(tmp_path, isolated):
-    config = write(
-        tmp_path / "c",
-        "Host t\n  HostName 10.0.0.7\n  Port 2200\n  User u\n"
-        "  UserKnownHostsFile %d/kh-%h-%p-%r 100%%\n  GlobalKnownHostsFile /dev/null\n"
-        "Host n\n  UserKnownHostsFile none\n  GlobalKnownHostsFile none\n  IdentityFile none\n",
-    )
-    assert resolve_host("t", ssh_config=config).known_hosts_files == (f"{isolated}/kh-10.0.0.7-2200-u", "100%")
-    none = resolve_host("n", ssh_config=config)
-    assert none.known_hosts_files == () and none.identity_files == ()
-
-
-@pytest.mark.parametrize("port", ["abc", "0", "70000"])
-def test_bad_port(tmp_path, port):
-    config = write(tmp_path / "c", f"Host h\n  Port {port}\n")
-    with pytest.raises(InvalidInput, match="Port"):
-        resolve_host("h", ssh_config=config)
-
-
-def test_hostname_from_config_is_validated_too(tmp_path):
-    config = write(tmp_path / "c", "Host h\n  HostName -oProxyCommand=x\n")
-    with pytest.raises(InvalidInput, match="must not start with '-'"):
-        resolve_host("h", ssh_config=config)
 
 
 TOOL_CONFIG = """\
@@ -177,55 +215,11 @@ def test_invalid_names(name):
         resolve_host(name)
 
 
-def spec(**changes):
-    base = dict(
-        alias="host-b", hostname="10.1.2.3", port=2222, user="admin",
-        identity_files=("/keys/a", "/keys/b"), known_hosts_files=("/kh/one", "/with space/two"),
-        ssh_config="/cfg/ssh_config",
-    )
-    return HostSpec(**{**base, **changes})
-
-
-def option(argv, name):
-    pairs = zip(argv, argv[1:], strict=False)
-    values = [v.split("=", 1)[1] for a, v in pairs if a == "-o" and v.startswith(name + "=")]
-    assert len(values) == 1, (name, argv)
-    return values[0]
-
-
-def test_rsync_ssh_command():
-    argv = rsync_ssh_command(spec())
-    assert argv[0] == "ssh"
-    assert argv[argv.index("-F") + 1] == "/cfg/ssh_config"
-    assert argv[argv.index("-p") + 1] == "2222"
-    assert argv[argv.index("-l") + 1] == "admin"
-    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-i"] == ["/keys/a", "/keys/b"]
-    assert option(argv, "HostName") == "10.1.2.3"
-    assert option(argv, "StrictHostKeyChecking") == "yes"
-    assert option(argv, "BatchMode") == "yes"
-    assert option(argv, "IdentitiesOnly") == "yes"
-    assert option(argv, "UserKnownHostsFile") == '/kh/one "/with space/two"'
-    assert option(argv, "GlobalKnownHostsFile") == "/dev/null"
-    assert option(argv, "UpdateHostKeys") == "no"
-    # rsync splits -e like a shell: the joined form must come back as the same argv
-    assert shlex.split(shlex.join(argv)) == argv
-
-
-def test_rsync_ssh_command_without_config_or_keys():
-    argv = rsync_ssh_command(spec(ssh_config=None, identity_files=(), known_hosts_files=()))
-    assert argv[argv.index("-F") + 1] == "/dev/null"
-    assert "-i" not in argv
-    assert option(argv, "UserKnownHostsFile") == "/dev/null"
-
-
-def test_rsync_target():
-    assert rsync_target(spec(), "/srv/x y") == "host-b:/srv/x y"
-    assert rsync_target(spec(alias="fe80::1"), "/d") == "[fe80::1]:/d"
-
-
 def test_spec_is_frozen_and_hashable():
+    def spec():
+        return HostSpec(alias="host-b", hostname="10.1.2.3", port=2222, user="admin", identity_files=("/k",))
+
     s = spec()
     with pytest.raises(AttributeError):
         s.port = 22  # type: ignore[misc]
     assert hash(s) == hash(spec())
-

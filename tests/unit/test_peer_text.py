@@ -2,8 +2,7 @@
 lines (size, nesting), its stderr tail, and the text printed from it (a received spec's volumes:
 test_spec.py, test_agent.py)."""
 
-import io
-import threading
+import subprocess
 
 import pytest
 
@@ -11,38 +10,18 @@ from migrate import output, ssh
 from runtime.errors import PeerLost
 
 
-class FakeChannel:
-    """A paramiko channel whose stdout and stderr are given byte strings, then EOF."""
-
-    def __init__(self, stdout: bytes, stderr: bytes = b"", status: int = 1):
-        self._out, self._err = io.BytesIO(stdout), io.BytesIO(stderr)
-        self.status_event = threading.Event()
-        self.status_event.set()
-        self.exit_status = status
-        self.closed = False
-
-    def recv(self, n: int) -> bytes:
-        return self._out.read(n)
-
-    def recv_stderr(self, n: int) -> bytes:
-        return self._err.read(n)
-
-    def exit_status_ready(self) -> bool:
-        return True
-
-    def sendall(self, data: bytes) -> None:
-        pass
-
-    def shutdown_write(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
+def peer(tmp_path, stdout: bytes, stderr: bytes = b"", status: int = 1) -> subprocess.Popen:
+    """A real process that writes STDOUT and STDERR, then exits with STATUS (as an agent would)."""
+    (tmp_path / "out").write_bytes(stdout)
+    (tmp_path / "err").write_bytes(stderr)
+    return subprocess.Popen(["sh", "-c", f'cat "$1"; cat "$2" >&2; exit {status}', "sh",
+                             str(tmp_path / "out"), str(tmp_path / "err")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_a_line_past_the_limit_is_a_protocol_error_and_is_never_held_whole(monkeypatch):
+def test_a_line_past_the_limit_is_a_protocol_error_and_is_never_held_whole(monkeypatch, tmp_path):
     monkeypatch.setattr(ssh, "MAX_LINE", 1000)
-    proc = ssh.RemoteProcess(FakeChannel(b'{"id": 1}\n' + b"x" * 50_000 + b'\n{"id": 2}\n'), "the agent")
+    proc = ssh.RemoteProcess(peer(tmp_path, b'{"id": 1}\n' + b"x" * 50_000 + b'\n{"id": 2}\n'), "the agent")
     assert proc.recv(5) == {"id": 1}
     with pytest.raises(PeerLost, match=r"^the agent sent a line longer than 1000 bytes: not a message of the protocol"):
         proc.recv(5)
@@ -50,15 +29,15 @@ def test_a_line_past_the_limit_is_a_protocol_error_and_is_never_held_whole(monke
     proc.close()
 
 
-def test_a_line_nested_deeper_than_the_parser_goes_is_a_protocol_error():
-    proc = ssh.RemoteProcess(FakeChannel(b"[" * 200_000 + b"\n"), "the agent")
+def test_a_line_nested_deeper_than_the_parser_goes_is_a_protocol_error(tmp_path):
+    proc = ssh.RemoteProcess(peer(tmp_path, b"[" * 200_000 + b"\n"), "the agent")
     with pytest.raises(PeerLost, match="not JSON"):
         proc.recv(5)
     proc.close()
 
 
-def test_the_stderr_tail_keeps_a_bounded_start_of_each_line():
-    proc = ssh.RemoteProcess(FakeChannel(b"", b"noise\n" + b"e" * 100_000 + b"\n"), "the agent")
+def test_the_stderr_tail_keeps_a_bounded_start_of_each_line(tmp_path):
+    proc = ssh.RemoteProcess(peer(tmp_path, b"", b"noise\n" + b"e" * 100_000 + b"\n"), "the agent")
     with pytest.raises(PeerLost) as e:
         proc.recv(5)
     assert str(e.value) == "the agent exited (status 1): " + "e" * 1000

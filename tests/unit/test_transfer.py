@@ -2,6 +2,7 @@ import shlex
 from pathlib import Path
 
 from migrate.hosts import HostSpec
+from migrate.ssh import SSHSession
 from migrate.stats import MigrationStats
 from migrate.transfer import Rsync, missing_layers
 
@@ -11,23 +12,22 @@ def test_only_missing_layers_in_order_each_once():
     assert missing_layers(["a"], ["a"]) == []
 
 
-def spec() -> HostSpec:
-    return HostSpec(alias="host-b", hostname="10.0.0.3", port=2222, user="root", identity_files=("/k",),
-                    known_hosts_files=("/kh",), ssh_config="/cfg")
+def rsync() -> Rsync:
+    spec = HostSpec(alias="host-b", hostname="10.0.0.3", port=2222, user="root", ssh_config="/cfg")
+    return Rsync(SSHSession(spec, Path("/run/cm")))
 
 
-def test_rsync_argv_uses_strict_ssh_and_a_shared_connection():
-    argv = Rsync(spec(), Path("/run/cm")).argv([Path("/x/upper")], "/root/in/", delete=True)
+def test_rsync_argv_rides_on_the_control_connection():
+    argv = rsync().argv([Path("/x/upper")], "/root/in/", delete=True)
     assert argv[0] == "rsync" and "-aHAX" in argv and "--numeric-ids" in argv and "--delete" in argv
     assert argv[-3:] == ["--", "/x/upper", "host-b:/root/in/"]
     ssh = shlex.split(argv[argv.index("-e") + 1])
-    assert ssh[0] == "ssh" and "StrictHostKeyChecking=yes" in ssh and "BatchMode=yes" in ssh
-    assert "ControlPath=/run/cm/%C" in ssh and ["-p", "2222"] == ssh[ssh.index("-p"):ssh.index("-p") + 2]
-    assert "UserKnownHostsFile=/kh" in ssh
+    assert ssh == rsync().session.ssh_argv()
+    assert "ControlPath=/run/cm/master" in ssh and "StrictHostKeyChecking=yes" in ssh
 
 
 def test_rsync_argv_keeps_hostile_paths_as_single_arguments():
-    argv = Rsync(spec(), Path("/run/cm")).argv([Path("/x/a b;rm -rf ~")], "/in/")
+    argv = rsync().argv([Path("/x/a b;rm -rf ~")], "/in/")
     assert "/x/a b;rm -rf ~" in argv
 
 
