@@ -29,6 +29,7 @@ from typing import IO
 
 from migrate.hosts import HostSpec
 from migrate.protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, Heartbeat
+from runtime import linux
 from runtime.errors import InvalidInput, PeerLost, RemoteError
 
 __all__ = ["RemoteProcess", "SSHSession", "rsync_target"]
@@ -38,7 +39,6 @@ _TAIL_LINE = 1000  # bytes kept of each line of the peer's stderr tail
 _TOO_LONG = object()  # queued in place of a line past MAX_LINE
 KEEPALIVE_INTERVAL = 5  # seconds; after KEEPALIVE_COUNT missed answers the connection is dead
 KEEPALIVE_COUNT = 3
-MASTER_IDLE = 120  # seconds the connection outlives its last session should this process die without ending it
 _CONTROL_TIMEOUT = 30  # for `ssh -O` requests to the master, which answers at once
 _PROXY_FAILED = "Connection closed by UNKNOWN port"  # what ssh says when its jump (ProxyCommand) ends
 
@@ -50,6 +50,7 @@ class SSHSession:
         self.spec = spec
         self.control_dir = control_dir
         self._closed = False
+        self._master: subprocess.Popen | None = None
 
     @classmethod
     def connect(cls, spec: HostSpec, *, timeout: float = 10.0) -> SSHSession:
@@ -99,6 +100,10 @@ class SSHSession:
             return
         self._closed = True
         self._control("exit")
+        if self._master is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._master.wait(_CONTROL_TIMEOUT)
+            _stop(self._master)
         shutil.rmtree(self.control_dir, ignore_errors=True)
 
     def __enter__(self) -> SSHSession:
@@ -117,31 +122,43 @@ class SSHSession:
                 "-o", f"ControlPath={control_path or self.control_dir / 'master'}"]
 
     def _start_master(self, timeout: float) -> None:
+        """The connection: an OpenSSH master, our child, that ends when its sessions and this
+        process do (a master left to idle out would outlive a killed tool by minutes)."""
         connect_timeout = self.spec.connect_timeout or max(1, math.ceil(timeout))
         argv = [
-            *self._base(), "-o", "ControlMaster=yes", "-o", f"ControlPersist={MASTER_IDLE}",
+            *self._base(), "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
             "-o", f"ConnectTimeout={connect_timeout}",
             # a peer that went silent (cut cable, frozen host) is noticed within 15 s
             "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}", "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
             "-o", "Ciphers=^aes128-gcm@openssh.com",  # the fastest on hosts with AES instructions
             # the target gets nothing of this host's but the connection
             "-o", "ClearAllForwardings=yes", "-o", "ForwardAgent=no", "-o", "ForwardX11=no",
-            "-N", "-f", "--", self.spec.alias,
+            "-N", "--", self.spec.alias,
         ]
         # each jump host may take its own ConnectTimeout, then the login
         hops = 1 + (self.spec.proxy_jump or "").count(",") + bool(self.spec.proxy_jump)
         limit = connect_timeout * hops + 2 * timeout
+        errors = self.control_dir / "master.err"  # a file: a pipe nobody reads would stall the master
         try:
-            p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"ssh to {self.spec.where} did not log in within {limit:.0f} s") from None
+            with open(errors, "wb") as err:
+                # a session of its own, as every client's: a signal to the terminal's group is the CLI's
+                self._master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=err, start_new_session=True,
+                                                preexec_fn=linux.die_with_parent)
         except FileNotFoundError:
             raise RemoteError("ssh (the OpenSSH client) is not installed") from None
-        if p.returncode != 0:
-            stderr = p.stderr.decode(errors="replace")
-            if (self.spec.proxy_jump or self.spec.proxy_command) and _PROXY_FAILED in stderr:
-                stderr = self._diagnose(connect_timeout, limit) or stderr
-            raise _login_error(self.spec, stderr)
+        deadline = time.monotonic() + limit
+        # its control socket appears once it has logged in
+        while not (self.control_dir / "master").exists():
+            if self._master.poll() is not None:
+                stderr = errors.read_text(errors="replace")
+                if (self.spec.proxy_jump or self.spec.proxy_command) and _PROXY_FAILED in stderr:
+                    stderr = self._diagnose(connect_timeout, limit) or stderr
+                raise _login_error(self.spec, stderr)
+            if time.monotonic() > deadline:
+                _stop(self._master)
+                raise RemoteError(f"ssh to {self.spec.where} did not log in within {limit:.0f} s")
+            time.sleep(0.01)
 
     def _diagnose(self, connect_timeout: int, limit: float) -> str | None:
         """Why a login through a jump host failed, from a plain `ssh HOST true`: a master sends
@@ -368,8 +385,9 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.kill()
     proc.wait()
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        with contextlib.suppress(OSError):
-            pipe.close()
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def _reason(e: BaseException) -> str:

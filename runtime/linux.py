@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import os
 import socket
+import signal
 import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -27,6 +28,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 _SYS_PIVOT_ROOT = 155  # x86_64
 
@@ -61,6 +63,12 @@ def pivot_root(new_root: str, put_old: str) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def die_with_parent() -> None:
+    """In a child before its exec: SIGTERM when the thread that started it ends (the tool killed,
+    say), so a helper of ours never outlives us."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl")
 
 
 def set_child_subreaper() -> None:

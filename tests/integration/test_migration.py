@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -376,6 +377,65 @@ def test_a_lazy_transfer_that_goes_silent_is_ended_and_the_source_resumes(cluste
     assert checksums(text) == [original, original]
     wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")
     b.ps()
+    assert_no_migration_leftovers(a, b)
+
+
+_LISTENERS = r"""
+import sys
+ports = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    with open(table) as f:
+        for line in f.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+print(" ".join(map(str, sorted(ports))))
+"""
+
+
+def _listening_ports(host) -> set[int]:
+    return {int(p) for p in host.host_python(_LISTENERS).split()}
+
+
+def test_the_page_connection_opens_no_port_and_its_end_cannot_end_the_source(cluster, memhog_image):
+    """Issue 11: a lazy migration opens no TCP port on either host (the page connection is unix
+    sockets, gone once connected, through the SSH connection), so no other process there can
+    reach it; and the connection's end cannot end the source. Here every page reaches the
+    target, CRIU ends its transfer and lets the source go, and then the target's agent hangs
+    before the commit: the source's freezer still holds it, no process of it gone, until the
+    controller knows the target's copy is gone; then it runs on with all its memory."""
+    c = cluster(2)
+    a, b = c["host-a"], c["host-b"]
+    a.ok("image", "import", memhog_image)
+    a.ok("run", "--name", "big", "memhog")
+    original = checksums(a.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled"))[0]
+    pid = a.container("big")["pid"]
+    events = Path(a.record("big")["cgroups"]["unified"], "cgroup.events")
+    before = {h: _listening_ports(h) for h in (a, b)}
+    set_host_env(c.hosts, "host-b", {"MIGRATE_FAULTS": "pages:hang"})
+    moved: dict = {}
+    mover = threading.Thread(target=lambda: moved.update(r=a.run("big", "host-b", "--mode", "lazy")))
+    mover.start()
+    try:
+        # the target restored and fetched every page; CRIU here ended and let the tree go
+        wait_until(lambda: b.ps().get("big", {}).get("state") == "running", 60, "the restore on host-b")
+        wait_until(lambda: "TracerPid:\t0" in Path(f"/proc/{pid}/status").read_text(), 120,
+                   "CRIU to let the source go after the last page")
+        assert {h: _listening_ports(h) for h in (a, b)} == before, "a TCP port was opened"
+        assert list(Path(b.state.incoming).glob("*/pages-*.sock")) == []  # connected, then removed
+        assert "frozen 1" in events.read_text().splitlines()
+        assert Path(f"/proc/{pid}").exists()
+    finally:
+        mover.join(180)
+    r = moved["r"]
+    assert r.rc == 8 and "keeps running here" in r.err, str(r)
+    assert (a.container("big")["state"], a.container("big")["pid"]) == ("running", pid)
+    assert "frozen 0" in events.read_text().splitlines()
+    os.kill(pid, signal.SIGUSR1)
+    assert checksums(a.wait_log("big", lambda t: len(checksums(t)) == 2, 60, "the checksum on host-a")) == \
+        [original, original]
+    set_host_env(c.hosts, "host-b", {"MIGRATE_FAULTS": ""})
+    wait_until(lambda: b.ps() == {}, 30, "host-b to have no copy")
     assert_no_migration_leftovers(a, b)
 
 
