@@ -41,6 +41,7 @@ class RunRequest:
     pids: int | None = None
     schedule: Schedule | None = None  # leave-running snapshots on time (runtime/schedule.py)
     drain_policy: str | None = None  # one of spec.DRAIN_POLICIES; None: `migrate drain --policy` decides
+    privileged: bool = False  # not confined (runtime/confine.py)
 
 
 class Runtime:
@@ -90,7 +91,7 @@ class Runtime:
             name=req.name, image=image.name, image_id=image.id, layers=image.layers, argv=argv,
             env=tuple(cfg.get("env") or ()) + req.env, working_dir=working_dir, volumes=volumes,
             limits=Limits(memory_bytes=req.memory, cpus=req.cpus, pids=req.pids), schedule=req.schedule,
-            drain_policy=req.drain_policy,
+            drain_policy=req.drain_policy, privileged=req.privileged,
         )
 
     def run(self, req: RunRequest) -> ContainerRecord:

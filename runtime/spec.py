@@ -98,6 +98,7 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     schedule: Schedule | None = None
     drain_policy: str | None = None  # what `migrate drain` does with it: one of DRAIN_POLICIES; None: unset
+    privileged: bool = False  # `run --privileged`: every capability, no seccomp filter, no masked paths
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -117,6 +118,7 @@ class ContainerSpec:
             limits=Limits(**d["limits"]),
             schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,  # absent before schedules
             drain_policy=d.get("drain_policy"),
+            privileged=d.get("privileged", False),  # absent before confinement
         )
 
     def renamed(self, name: str) -> "ContainerSpec":
