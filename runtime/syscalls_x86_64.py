@@ -1,4 +1,4 @@
-"""x86_64 system call numbers by name: the seccomp filter's table, so no kernel headers are needed at run time.
+r"""x86_64 system call numbers by name: the seccomp filter's table, so no kernel headers are needed at run time.
 
 Generated from linux-libc-dev 6.1 (Debian 12) with:
     sed -n 's/^#define __NR_\([a-z0-9_]*\) \([0-9]*\)$/    "\1": \2,/p' /usr/include/x86_64-linux-gnu/asm/unistd_64.h
