@@ -165,3 +165,17 @@ def test_privileged_container_can_do_all_of_it(host, probe_archive, tmp_path):
     assert r["setuid"] == (0, "uid=1000 euid=0"), r
     assert r["imagedev"][0] == 0, r
     assert not {"nosuid", "nodev"} & set(r["root"][1].split(",")), r
+
+
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_a_confined_container_migrates_and_is_still_confined_on_the_target(cluster, probe_archive, tmp_path, mode):
+    c = cluster(2)
+    a, b = c["host-a"], c["host-b"]
+    ctl = tmp_path / "ctl"  # the hosts share this machine's files: the volume is there on both
+    start_probe(a, probe_archive, ctl)
+    results(a, 1)
+    c.move_json("host-a", "p", "host-b", mode=mode)
+    pid = b.container("p")["pid"]
+    assert b.container("p")["privileged"] is False and "p" not in a.ps()
+    (ctl / "again").touch()
+    assert_confined(results(b, 2), pid)
