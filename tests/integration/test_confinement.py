@@ -133,12 +133,26 @@ def assert_confined(r: dict, pid: int) -> None:
     assert {"nosuid", "nodev"} <= set(r["root"][1].split(",")), r
 
 
+def exec_status(host) -> dict[str, str]:
+    text = host.ok("exec", "p", "grep", "-E", "^(CapEff|CapBnd|NoNewPrivs|Seccomp):", "/proc/self/status").out
+    return dict(line.split(":\t", 1) for line in text.splitlines())
+
+
+def assert_exec_confined(host) -> None:
+    """What `migrate exec` runs in the container is confined as its init is."""
+    assert exec_status(host) == {"CapEff": CONFINED_CAPS, "CapBnd": CONFINED_CAPS, "NoNewPrivs": "1", "Seccomp": "2"}
+    r = host.run("exec", "p", "mount", "-t", "tmpfs", "x", "/tmp")
+    assert r.rc != 0 and "permission denied" in r.err, str(r)
+    assert host.ok("exec", "p", "/bin/runas", "--as", "1000", "/bin/euid").out == "uid=1000 euid=1000\n"
+
+
 def test_a_default_container_is_confined_and_stays_so_through_checkpoint_and_restore(host, probe_archive, tmp_path):
     ctl = tmp_path / "ctl"
     pid = start_probe(host, probe_archive, ctl)
     assert host.container("p")["privileged"] is False and ps_confined(host) == "yes"
     assert json.loads(host.ok("inspect", "p").out)["spec"]["privileged"] is False
     assert_confined(results(host, 1), pid)
+    assert_exec_confined(host)
 
     checkpoint(host, "p")
     pid = restore(host, "p")
@@ -146,6 +160,7 @@ def test_a_default_container_is_confined_and_stays_so_through_checkpoint_and_res
     assert (s["CapEff"], s["CapBnd"], s["NoNewPrivs"], s["Seccomp"]) == (CONFINED_CAPS, CONFINED_CAPS, "1", "2"), s
     (ctl / "again").touch()
     assert_confined(results(host, 2), pid)  # and every attempt is refused as before
+    assert_exec_confined(host)
 
 
 def test_privileged_container_can_do_all_of_it(host, probe_archive, tmp_path):
@@ -161,6 +176,8 @@ def test_privileged_container_can_do_all_of_it(host, probe_archive, tmp_path):
     assert r["mount"][0] == 0, r
     assert r["sysctl"][0] == 0, r  # kernel.hostname belongs to the container's own UTS namespace
     assert host.ok("exec", "p", "hostname").out == "probed\n"
+    assert exec_status(host) == {"CapEff": own["CapEff"], "CapBnd": own["CapBnd"], "NoNewPrivs": "0", "Seccomp": "0"}
+    assert host.ok("exec", "p", "/bin/runas", "--as", "1000", "/bin/euid").out == "uid=1000 euid=0\n"
     assert r["mknod"][0] == 0, r
     assert r["setuid"] == (0, "uid=1000 euid=0"), r
     assert r["imagedev"][0] == 0, r
