@@ -118,7 +118,9 @@ class ContainerSpec:
             limits=Limits(**d["limits"]),
             schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,  # absent before schedules
             drain_policy=d.get("drain_policy"),
-            privileged=d.get("privileged", False),  # absent before confinement
+            # absent: written before containers were confined, so it was not, and a restore of it
+            # (CRIU brings back its capabilities, filter and mounts as they were) is not either
+            privileged=d.get("privileged", True),
         )
 
     def renamed(self, name: str) -> "ContainerSpec":
