@@ -60,7 +60,10 @@ def main() -> None:
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args()
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
-    code = enter(a.pid, command, dict(e.split("=", 1) for e in a.env), a.privileged)
+    try:
+        code = enter(a.pid, command, dict(e.split("=", 1) for e in a.env), a.privileged)
+    except OSError as e:  # the container ended meanwhile
+        sys.exit(f"migrate: exec: cannot enter the container of pid {a.pid}: {e.strerror}")
     if code < 0:  # ended by a signal: end the same way, as a shell would show it
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
