@@ -226,10 +226,9 @@ def _ps(rt: Runtime, a) -> int:
         output.print_json(rows)
     else:
         output.print_table(
-            ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY", "SNAPSHOT", "CONFINED"),
-            [(r["name"], _state_text(r), r["image"], r["pid"], output.human_age(r["started"]),
-              output.human_size(r["memory"]), _snapshot_text(r), "no" if r["privileged"] else "yes")
-             for r in rows],
+            ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY", "SNAPSHOT"),
+            [(r["name"] + (" (privileged)" if r["privileged"] else ""), _state_text(r), r["image"], r["pid"],
+              output.human_age(r["started"]), output.human_size(r["memory"]), _snapshot_text(r)) for r in rows],
         )
     return 0
 
