@@ -10,6 +10,8 @@ Simplified from Docker, and why:
   flags, socket's address family and personality's persona use.
 - clone3 fails with ENOSYS, as in Docker, so glibc falls back to clone, whose flags can be
   checked (its struct argument cannot).
+- A syscall newer than the table (runtime/syscalls_x86_64.py) fails with ENOSYS, as runc makes
+  it: libc then falls back to an older call, where EPERM would be taken as a real refusal.
 CRIU dumps and restores such a filter with the process (it suspends it while its parasite runs).
 """
 
@@ -133,6 +135,8 @@ def build(allowed=ALLOWED, deny_errno: int = errno.EPERM) -> list[tuple[int, int
         _stmt(BPF_LD_W_ABS, OFF_NR),
         _jump(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1),
         _stmt(BPF_RET_K, deny),
+        _jump(BPF_JGE_K, max(NUMBERS.values()) + 1, 0, 1),
+        _stmt(BPF_RET_K, RET_ERRNO | errno.ENOSYS),
     ]
     for name, err in ERRNO_RULES.items():
         prog += [_jump(BPF_JEQ_K, NUMBERS[name], 0, 1), _stmt(BPF_RET_K, RET_ERRNO | err)]

@@ -80,7 +80,14 @@ def test_every_syscall_not_allowed_is_denied():
 def test_other_abis_killed_or_denied():
     assert run(PROG, 11, arch=AUDIT_ARCH_I386) == seccomp.RET_KILL_PROCESS  # i386 munmap via int 0x80
     assert run(PROG, seccomp.X32_SYSCALL_BIT | NUMBERS["read"]) == EPERM
-    assert run(PROG, -1) == EPERM
+    assert run(PROG, -1) == EPERM  # above the x32 bit
+
+
+def test_syscalls_newer_than_the_table_are_unknown_not_refused():
+    newest = max(NUMBERS.values())
+    assert run(PROG, newest + 1) == seccomp.RET_ERRNO | errno.ENOSYS  # e.g. cachestat, fchmodat2 (Linux 6.5, 6.6)
+    assert run(PROG, 460) == seccomp.RET_ERRNO | errno.ENOSYS
+    assert run(PROG, NUMBERS["futex_waitv"]) == ALLOW
 
 
 def test_clone_only_without_namespace_flags_and_clone3_falls_back():
