@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=parse_duration, metavar="DURATION",
                      help="take a snapshot of it every DURATION while it runs (e.g. 10m; it runs on)")
     run.add_argument("--keep", type=int, metavar="N", help="with --checkpoint-every: keep the newest N (default 3)")
+    run.add_argument("--privileged", action="store_true",
+                     help="not confined: every capability, no seccomp filter, /proc unmasked, setuid files work")
     run.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     run.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CT[:ro]")
     run.add_argument("-w", "--workdir", metavar="DIR")
@@ -226,8 +228,8 @@ def _ps(rt: Runtime, a) -> int:
     else:
         output.print_table(
             ("NAME", "STATE", "IMAGE", "PID", "STARTED", "MEMORY", "SNAPSHOT"),
-            [(r["name"], _state_text(r), r["image"], r["pid"], output.human_age(r["started"]),
-              output.human_size(r["memory"]), _snapshot_text(r)) for r in rows],
+            [(r["name"] + (" (privileged)" if r["privileged"] else ""), _state_text(r), r["image"], r["pid"],
+              output.human_age(r["started"]), output.human_size(r["memory"]), _snapshot_text(r)) for r in rows],
         )
     return 0
 
@@ -237,7 +239,7 @@ def _summary(rt: Runtime, rec, newest) -> dict:
     schedule = rec.spec.schedule
     return {"name": rec.name, "state": _shown_state(rec), "image": rec.spec.image, "pid": rec.pid,
             "started": rec.started, "memory": rt.usage(rec), "exit_code": rec.exit_code,
-            "owner": (rec.owner or {}).get("pid"),
+            "owner": (rec.owner or {}).get("pid"), "privileged": rec.spec.privileged,
             "schedule": {"every": schedule.every, "keep": schedule.keep} if schedule else None,
             "last_snapshot": {"id": newest.id, "created": newest.created} if newest else None}
 
@@ -412,7 +414,7 @@ def dispatch(a) -> int:
             rec = rt.run(RunRequest(name=a.name, image=a.image, command=tuple(a.command), env=tuple(a.env),
                                     volumes=tuple(a.volume), working_dir=a.workdir, memory=a.memory, cpus=a.cpus,
                                     pids=a.pids, schedule=_schedule_of(a.checkpoint_every, a.keep),
-                                    drain_policy=a.drain_policy))
+                                    drain_policy=a.drain_policy, privileged=a.privileged))
             output.out.print(rec.name)
             return 0
         if a.verb == "ps":

@@ -21,7 +21,7 @@ from .errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, e
 from .layers import LayerStore
 from .paths import StateRoot
 from .reconcile import owner_alive, reconcile, sweep_snapshots, sweep_transfers, unsupervised
-from .shim import COMMIT, STANDARD_PATH, container_env
+from .shim import COMMIT, container_env
 from .spec import DRAIN_POLICIES, ContainerSpec, Limits, Schedule, Volume, validate_name
 from .store import Catalog, ContainerRecord
 
@@ -41,6 +41,7 @@ class RunRequest:
     pids: int | None = None
     schedule: Schedule | None = None  # leave-running snapshots on time (runtime/schedule.py)
     drain_policy: str | None = None  # one of spec.DRAIN_POLICIES; None: `migrate drain --policy` decides
+    privileged: bool = False  # not confined (runtime/confine.py)
 
 
 class Runtime:
@@ -90,7 +91,7 @@ class Runtime:
             name=req.name, image=image.name, image_id=image.id, layers=image.layers, argv=argv,
             env=tuple(cfg.get("env") or ()) + req.env, working_dir=working_dir, volumes=volumes,
             limits=Limits(memory_bytes=req.memory, cpus=req.cpus, pids=req.pids), schedule=req.schedule,
-            drain_policy=req.drain_policy,
+            drain_policy=req.drain_policy, privileged=req.privileged,
         )
 
     def run(self, req: RunRequest) -> ContainerRecord:
@@ -264,15 +265,11 @@ class Runtime:
         if not command:
             raise InvalidInput("exec needs a command")
         cgroups = Cgroups(rec.cgroups)
-        # found with this host's PATH: the lookup happens here, and the container's PATH (its
-        # image's or its user's) must not choose what runs as root on the host
-        nsenter = shutil.which("nsenter", path=STANDARD_PATH)
-        if nsenter is None:
-            raise NotFound("nsenter is not installed (util-linux): run ./scripts/setup")
-        argv = [nsenter, f"--target={rec.pid}", "--mount", "--uts", "--ipc", "--pid", "--root", "--wd", "--",
-                *command]
         full_env = container_env(rec.spec) | dict(e.split("=", 1) for e in env)
-        proc = subprocess.run(argv, env=full_env, preexec_fn=lambda: cgroups.add(os.getpid()))
+        # a program of the host enters (the container's PATH only finds the command inside it)
+        argv = [sys.executable, "-m", "runtime.nsexec", *(f"--env={k}={v}" for k, v in full_env.items()),
+                *(["--privileged"] if rec.spec.privileged else []), str(rec.pid), "--", *command]
+        proc = subprocess.run(argv, preexec_fn=lambda: cgroups.add(os.getpid()))
         return proc.returncode
 
     def log_path(self, name: str) -> Path:

@@ -9,6 +9,7 @@ import os
 import socket
 import signal
 import stat
+import struct
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -30,7 +31,22 @@ MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
 _SYS_PIVOT_ROOT = 155  # x86_64
+_SYS_MOUNT_SETATTR = 442
 
 
 def _check(ret: int, what: str) -> int:
@@ -42,6 +58,10 @@ def _check(ret: int, what: str) -> int:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
@@ -58,6 +78,44 @@ def umount(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()), "pivot_root")
+
+
+def mount_setattr_recursive(target: str, attr_set: int) -> None:
+    """Set MOUNT_ATTR_* on target and every mount below it at once (Linux 5.12), unlike a bind remount."""
+    attr = struct.pack("=QQQQ", attr_set, 0, 0, 0)  # struct mount_attr: set, clr, propagation, userns_fd
+    _check(_libc.syscall(_SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), AT_RECURSIVE, attr, len(attr)),
+           f"mount_setattr {target}")
+
+
+def _prctl(option: int, arg: int, what: str) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), what)
+
+
+def drop_bounding_cap(cap: int) -> None:
+    _prctl(PR_CAPBSET_DROP, cap, f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def clear_ambient_caps() -> None:
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+
+
+def set_caps(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) for this process: each set a bit mask of CAP_* numbers (two 32-bit halves in v3)."""
+    header = struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    data = b"".join(struct.pack("=III", effective >> s & 0xFFFFFFFF, permitted >> s & 0xFFFFFFFF,
+                                inheritable >> s & 0xFFFFFFFF) for s in (0, 32))
+    _check(_libc.capset(header, data), "capset")
+
+
+def set_no_new_privs() -> None:
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def set_seccomp_filter(program: bytes) -> None:
+    """Install a classic BPF seccomp filter (packed struct sock_filter[]) on this thread."""
+    insns = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("=H6xQ", len(program) // 8, ctypes.addressof(insns))  # struct sock_fprog
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, fprog, 0, 0), "prctl(PR_SET_SECCOMP)")
 
 
 def sethostname(name: str) -> None:

@@ -12,11 +12,18 @@ from . import linux
 from .errors import MigrateError
 from .spec import Volume
 
+# Docker's masked and read-only paths (moby oci/defaults.go) that lie in /proc: the container
+# gets no /sys at all. A path this kernel lacks is skipped.
+MASKED = ("/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+          "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi")
+READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+_LOCKED = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 
 
-def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path) -> None:
-    """lower_dirs are top layer first, as overlayfs wants them."""
+def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path, *, confined: bool) -> None:
+    """lower_dirs are top layer first, as overlayfs wants them. A confined container's root is
+    nosuid,nodev: setuid files and device nodes from an image give nothing."""
     for d in (upper, work, target):
         d.mkdir(parents=True, exist_ok=True)
     if linux.is_mountpoint(str(target)):
@@ -24,7 +31,7 @@ def mount_overlay(lower_dirs: list[Path], upper: Path, work: Path, target: Path)
     options = f"lowerdir={':'.join(str(d) for d in lower_dirs)},upperdir={upper},workdir={work}"
     if len(options) > 4000:
         raise MigrateError(f"too many image layers for one overlay mount ({len(lower_dirs)})")
-    linux.mount("overlay", str(target), "overlay", 0, options)
+    linux.mount("overlay", str(target), "overlay", linux.MS_NOSUID | linux.MS_NODEV if confined else 0, options)
 
 
 def unmount_all(target: Path) -> None:
@@ -33,8 +40,9 @@ def unmount_all(target: Path) -> None:
         linux.umount(point, linux.MNT_DETACH)
 
 
-def enter(rootfs: Path, hostname: str, volumes: tuple[Volume, ...], working_dir: str) -> None:
-    """In the container's first process, in fresh mount/uts namespaces: build its view and pivot into it."""
+def enter(rootfs: Path, hostname: str, volumes: tuple[Volume, ...], working_dir: str, *, confined: bool) -> None:
+    """In the container's first process, in fresh mount/uts namespaces: build its view and pivot into it.
+    A confined one gets Docker's masked and read-only paths, and nosuid,nodev volumes."""
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.sethostname(hostname)
     root = str(rootfs)
@@ -51,8 +59,10 @@ def enter(rootfs: Path, hostname: str, volumes: tuple[Volume, ...], working_dir:
               "newinstance,ptmxmode=0666,mode=620")
     _mount_in(root, "/dev/shm", "shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777,size=65536k")
     _mount_in(root, "/dev/mqueue", "mqueue", "mqueue", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    if confined:
+        _mask_proc(root)
     for vol in volumes:
-        _bind_volume(root, vol)
+        _bind_volume(root, vol, confined)
     os.chdir(root)
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)
@@ -66,7 +76,23 @@ def _mount_in(root: str, path: str, source: str, fstype: str, flags: int, data: 
     linux.mount(source, target, fstype, flags, data)
 
 
-def _bind_volume(root: str, vol: Volume) -> None:
+def _mask_proc(root: str) -> None:
+    """/dev/null over masked files, an empty read-only tmpfs over masked folders (both inside the
+    container, so CRIU dumps them as its own mounts), read-only binds of the read-only paths."""
+    for path in MASKED:
+        target = root + path
+        if os.path.isdir(target):
+            linux.mount("tmpfs", target, "tmpfs", linux.MS_RDONLY | _LOCKED, "size=0")
+        elif os.path.exists(target):
+            linux.mount(root + "/dev/null", target, None, linux.MS_BIND)
+    for path in READ_ONLY:
+        target = root + path
+        if os.path.exists(target):
+            linux.mount(target, target, None, linux.MS_BIND | linux.MS_REC)
+            linux.mount("none", target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | _LOCKED)
+
+
+def _bind_volume(root: str, vol: Volume, confined: bool) -> None:
     target = root + vol.container_path
     if os.path.realpath(target) != os.path.normpath(target):
         raise MigrateError(f"volume target {vol.container_path} goes through a symlink in the image")
@@ -76,5 +102,7 @@ def _bind_volume(root: str, vol: Volume) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         open(target, "a").close()
     linux.mount(vol.host_path, target, None, linux.MS_BIND | linux.MS_REC)
-    if vol.read_only:
-        linux.mount("none", target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_REC)
+    attrs = (linux.MOUNT_ATTR_RDONLY if vol.read_only else 0) | (
+        linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV if confined else 0)
+    if attrs:  # the mounts below the host path too, which a bind remount would leave as they were
+        linux.mount_setattr_recursive(target, attrs)

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import criulogs, faults, journal, linux, rootfs, states
+from . import confine, criulogs, faults, journal, linux, rootfs, states
 from .cgroups import Cgroups
 from .criu import Criu, RestoreOptions, _rpc
 from .errors import CriuError, MigrateError
@@ -60,7 +60,8 @@ class Shim:
     def prepare(self) -> None:
         layers = LayerStore(self.root.layers)
         lowers = [layers.path_of(d) for d in reversed(self.spec.layers)]
-        rootfs.mount_overlay(lowers, self.dir / "upper", self.dir / "work", self.rootfs)
+        rootfs.mount_overlay(lowers, self.dir / "upper", self.dir / "work", self.rootfs,
+                             confined=not self.spec.privileged)
         self.cgroups.create()
 
     def _pipes(self) -> tuple[int, int]:
@@ -99,7 +100,8 @@ class Shim:
                 os.write(pid_w, str(init).encode())
                 os._exit(0)
             os.setsid()  # inside the pid namespace, as CRIU requires
-            rootfs.enter(self.rootfs, self.spec.name, self.spec.volumes, self.spec.working_dir)
+            rootfs.enter(self.rootfs, self.spec.name, self.spec.volumes, self.spec.working_dir,
+                         confined=not self.spec.privileged)
             null = os.open("/dev/null", os.O_RDWR)
             os.dup2(null, 0)
             os.dup2(out_w, 1)
@@ -108,6 +110,8 @@ class Shim:
             os.closerange(3, keep)
             os.closerange(keep + 1, 65536)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            if not self.spec.privileged:
+                confine.apply()  # last: the filter and the kept capabilities are what the command gets
             os.execvpe(self.spec.argv[0], list(self.spec.argv), container_env(self.spec))
         except BaseException as e:  # report to the shim through the close-on-exec pipe
             msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

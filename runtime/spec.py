@@ -109,6 +109,7 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     schedule: Schedule | None = None
     drain_policy: str | None = None  # what `migrate drain` does with it: one of DRAIN_POLICIES; None: unset
+    privileged: bool = False  # `run --privileged`: every capability, no seccomp filter, no masked paths
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -128,6 +129,9 @@ class ContainerSpec:
             limits=Limits(**d["limits"]),
             schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,  # absent before schedules
             drain_policy=d.get("drain_policy"),
+            # absent: written before containers were confined, so it was not, and a restore of it
+            # (CRIU brings back its capabilities, filter and mounts as they were) is not either
+            privileged=d.get("privileged", True),
         )
 
     def renamed(self, name: str) -> "ContainerSpec":

@@ -250,9 +250,10 @@ def test_a_full_disk_costs_output_not_the_container(host, busybox_archives):
         subprocess.run(["umount", "-l", str(host.root)], check=False)
 
 
-def test_exec_runs_the_hosts_nsenter_whatever_the_containers_path(bb):
-    """nsenter is looked up on the host before anything is entered: with the container's PATH
-    that lookup would run, as root on the host, a program the container's spec points to."""
+def test_exec_enters_with_the_hosts_programs_whatever_the_containers_path(bb):
+    """What enters the container (runtime.nsexec, by this Python's absolute path) is chosen on the
+    host: a lookup with the container's PATH would run, as root on the host, a program the
+    container's spec points to (here a decoy nsenter, the tool exec used to run)."""
     decoy = bb.work / "decoy"
     decoy.mkdir()
     marker = bb.work / "decoy-ran"

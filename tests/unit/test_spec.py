@@ -86,3 +86,14 @@ def test_schedule_and_drain_policy_round_trip_and_default_when_absent():
     del old["schedule"], old["drain_policy"]  # a spec written before either existed
     back = ContainerSpec.from_json(json.dumps(old))
     assert back.schedule is None and back.drain_policy is None  # unset: `migrate drain --policy` decides
+
+
+def test_privileged_round_trips_and_a_spec_written_before_confinement_reads_as_privileged():
+    spec = ContainerSpec(name="c", image="i", image_id="sha256:x", layers=(), argv=("sh",))
+    assert spec.privileged is False  # new containers are confined
+    assert ContainerSpec.from_json(spec.to_json()) == spec
+    privileged = ContainerSpec(**{**spec.__dict__, "privileged": True})
+    assert ContainerSpec.from_json(privileged.to_json()) == privileged
+    old = json.loads(spec.to_json())
+    del old["privileged"]
+    assert ContainerSpec.from_json(json.dumps(old)).privileged is True  # it ran, and restores, unconfined
