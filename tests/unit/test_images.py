@@ -52,7 +52,7 @@ def store(tmp_path):
 def assert_empty(store):
     """Nothing stored and no temporary leftovers."""
     assert store.digests() == []
-    for sub in ("sha256", "tmp"):
+    for sub in ("sha256", "blobs/sha256", "tmp"):
         assert not (store.path / sub).exists() or not any((store.path / sub).iterdir())
 
 
@@ -86,6 +86,8 @@ def test_import_each_format_and_compression(tmp_path, store, fmt, compression):
     assert (store.path_of(img.layers[0]) / "etc/passwd").exists()
     assert (store.path_of(img.layers[1]) / "bin/new").read_bytes() == b"new"
     assert store._whiteouts.calls == ["etc/.wh.passwd", "bin/.wh..wh..opq"]
+    for digest, layer in zip(img.layers, (BASE, TOP), strict=True):  # each blob kept as the image had it
+        assert store.blob_of(digest).read_bytes() == make_layer(layer, compression)
 
 
 def test_gzip_compressed_outer_archive(tmp_path, store):
