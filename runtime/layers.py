@@ -174,20 +174,26 @@ class LayerStore:
         return self._blob(digest)
 
     def digests(self) -> list[str]:
-        d = self.path / "sha256"
-        if not d.is_dir():
-            return []
-        return sorted(f"sha256:{p.name}" for p in d.iterdir() if re.fullmatch("[0-9a-f]{64}", p.name) and p.is_dir())
+        """The layers held: those with a tree."""
+        return _names(self.path / "sha256", dirs=True)
+
+    def stored(self) -> list[str]:
+        """Every digest the store has anything of, a tree or a blob alone (an import that died
+        between the two leaves one): what garbage collection goes through."""
+        return sorted(set(self.digests()) | set(_names(self._blobs(), dirs=False)))
 
     def remove(self, digest: str) -> None:
         """The tree, its sidecar and its blob."""
-        layer = self.path_of(digest)
-        self._tmp().mkdir(parents=True, exist_ok=True)
-        doomed = Path(tempfile.mkdtemp(dir=self._tmp(), prefix="rm-")) / "layer"
-        layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
-        layer.with_suffix(".json").unlink(missing_ok=True)
-        self._blob(digest).unlink(missing_ok=True)
-        _force_rmtree(doomed.parent)
+        layer, blob = self._tree(digest), self._blob(digest)
+        if not layer.is_dir() and not blob.is_file():
+            raise NotFound(f"layer {digest} is not in the store")
+        if layer.is_dir():
+            self._tmp().mkdir(parents=True, exist_ok=True)
+            doomed = Path(tempfile.mkdtemp(dir=self._tmp(), prefix="rm-")) / "layer"
+            layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
+            layer.with_suffix(".json").unlink(missing_ok=True)
+            _force_rmtree(doomed.parent)
+        blob.unlink(missing_ok=True)
 
     def remove_unused(self, digest: str, in_use: Collection[str]) -> bool:
         """Remove one layer unless `in_use` (the digests the catalog's images, containers and
@@ -313,10 +319,21 @@ class LayerStore:
         return self.path / "sha256" / parse_digest(digest)
 
     def _blob(self, digest: str) -> Path:
-        return self.path / "blobs" / "sha256" / parse_digest(digest)
+        return self._blobs() / parse_digest(digest)
+
+    def _blobs(self) -> Path:
+        return self.path / "blobs" / "sha256"
 
     def _tmp(self) -> Path:
         return self.path / "tmp"
+
+
+def _names(folder: Path, dirs: bool) -> list[str]:
+    """The digests named by the folders (or the files) in `folder`."""
+    if not folder.is_dir():
+        return []
+    return sorted(f"sha256:{p.name}" for p in folder.iterdir()
+                  if re.fullmatch("[0-9a-f]{64}", p.name) and (p.is_dir() if dirs else p.is_file()))
 
 
 def _open_staged(path: Path, digest: str) -> BinaryIO:
