@@ -420,7 +420,7 @@ def _extract(rt, manifest: dict, members, reader, partial: Path, adopted: list[s
     A carried layer's blob goes into the store as an import's does, verified against its digest
     (ADOPTED lists those added, for the caller to remove if the import fails)."""
     expected = {m["name"]: m for m in manifest["members"]}
-    budget = rt.layers.import_budget()
+    budget = rt.layers.import_budget() if manifest["layers"] else None
     for tar, member in members:
         m = expected.pop(member.name, None)
         if m is None or not member.isreg() or member.size != m["size"]:
