@@ -212,6 +212,7 @@ class LayerStore:
         size: int | None = None,
         diff_id: str | None = None,
         budget: ImportBudget | None = None,
+        scratch: Path | None = None,
     ) -> bool:
         """Verify the blob read from `fileobj` against `digest` (and `size`, `diff_id` when given),
         and store it and the tree extracted from it. Returns False when the layer was already
@@ -221,7 +222,8 @@ class LayerStore:
         The compression (gzip, zstd or none) is taken from the magic bytes, not the media type,
         which only has to be a known layer type (None for docker-archive layers, which have none).
         `budget` is the import's, shared by its layers (the blob counts too); without one, the
-        layer gets its own.
+        layer gets its own. The work is done in a folder made in `scratch` (default: the store's
+        tmp), which must be on the store's filesystem.
         """
         hex_ = parse_digest(digest)
         if diff_id is not None:
@@ -236,7 +238,7 @@ class LayerStore:
         budget = budget or self.import_budget()
         for d in (self.path / "sha256", blob_path.parent):
             d.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=self._tmp(), prefix=f"{hex_[:12]}-"))
+        work = Path(tempfile.mkdtemp(dir=scratch or self._tmp(), prefix=f"{hex_[:12]}-"))
         sidecar = final.with_suffix(".json")
         try:
             with open(work / "blob", "xb") as kept:
@@ -297,7 +299,8 @@ class LayerStore:
     def adopt(self, digest: str, staged: Path, budget: ImportBudget | None = None) -> bool:
         """Add the layer whose blob another host copied into `staged` (by blob_of's name): it must
         hash to `digest` before anything is extracted, then it is extracted as an import does.
-        The staged file is consumed either way; False if the store held the layer already."""
+        The staged file is consumed either way, and the extraction is done inside `staged`, which
+        is swept with it if this process dies; False if the store held the layer already."""
         where = staged / parse_digest(digest)
         try:
             with _open_staged(where, digest) as f:
@@ -305,7 +308,7 @@ class LayerStore:
                 drain(blob)
                 _check(digest, blob, None, None, None)
                 f.seek(0)
-                return self.add_from_stream(digest, f, None, budget=budget)
+                return self.add_from_stream(digest, f, None, budget=budget, scratch=staged)
         finally:
             with contextlib.suppress(OSError):
                 where.unlink()

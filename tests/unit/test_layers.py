@@ -8,6 +8,7 @@ import pytest
 
 from runtime.errors import ImageError, InvalidInput, NotFound
 from runtime.imagebuild import FileSpec, digest_of, make_layer, opaque, whiteout
+from runtime import layers
 from runtime.layers import LayerStore, OverlayWhiteouts, parse_digest
 
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -255,6 +256,17 @@ def test_a_received_blob_that_hashes_to_its_name_is_extracted_and_adopted(store,
     assert (store.path_of(digest) / "etc/hosts").read_bytes() == b"genuine\n"
     assert store.blob_of(digest).read_bytes() == blob and store.size_of(digest) == len(blob)
     assert list((tmp_path / "staging").iterdir()) == []  # consumed
+
+
+def test_a_received_blob_is_extracted_inside_its_staging_folder(store, tmp_path, monkeypatch):
+    """An agent that dies while extracting leaves the half-made tree in its staging folder, which
+    the next command on that host removes (runtime/reconcile.py), not in the store's tmp."""
+    blob = make_layer(FILES, "gzip")
+    stage(tmp_path / "staging", digest_of(blob), blob)
+    roots, run = [], layers._Extractor.run
+    monkeypatch.setattr(layers._Extractor, "run", lambda self, stream: roots.append(self._root) or run(self, stream))
+    assert store.adopt(digest_of(blob), tmp_path / "staging")
+    assert [r.parent.parent for r in roots] == [tmp_path / "staging"]
 
 
 def flip_a_byte(blob: bytes) -> bytes:
