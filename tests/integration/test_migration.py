@@ -216,6 +216,25 @@ def test_a_layer_blob_the_source_tampered_with_is_refused_on_the_target(two):
     assert_counts_on(two, "host-b", "c1", nums)
 
 
+def test_a_layer_imported_before_blobs_were_kept_is_refused_at_preflight_until_imported_again(
+        two, busybox_archives):
+    a, b = two["host-a"], two["host-b"]
+    before = start_counter(two)
+    rec = two.record("host-a", "c1")
+    [digest] = LayerStore(a.state.layers).digests()
+    LayerStore(a.state.layers).blob_of(digest).unlink()  # as a store made before blobs were kept holds it
+    state_a, state_b = a.snapshot_of_state(), b.snapshot_of_state()
+    r = a.fails(8, "c1", "host-b")
+    assert "cannot migrate c1" in r.err and "have no blob here" in r.err and "import the image again" in r.err, str(r)
+    assert_refused_and_unchanged(two, r, 8, state_a, rec["pid"], before)
+    assert b.snapshot_of_state() == state_b
+
+    a.ok("image", "import", busybox_archives["docker-archive"])  # verifies the blob and keeps it
+    nums = counter_numbers(a.logs("c1"))
+    two.move_json("host-a", "c1", "host-b")
+    assert_counts_on(two, "host-b", "c1", nums)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8: a failed restore on the target rolls back
 
