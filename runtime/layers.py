@@ -58,10 +58,10 @@ WHITEOUT_PREFIX = ".wh."
 # long-name header whole into memory, and every member costs an inode.
 MAX_HEADER_BYTES = 1 << 20
 MAX_MEMBERS = 1_000_000
-# Bounds on what one import may write (REVIEW S3), over its outer archive and all its layers: the
-# caps stop an archive that claims absurd sizes (a sparse member counts at the size it expands to,
-# since it is written out densely), and the reserve keeps an import from filling the filesystem
-# the running containers write to.
+# Bounds on what one import may write (REVIEW S3), over its outer archive and all its layers (their
+# trees and kept blobs): the caps stop an archive that claims absurd sizes (a sparse member counts
+# at the size it expands to, since it is written out densely), and the reserve keeps an import
+# from filling the filesystem the running containers write to.
 MAX_MEMBER_BYTES = 32 << 30
 MAX_IMPORT_BYTES = 128 << 30
 # What an import leaves free for the containers' logs and snapshots: 5% of the filesystem (1%
