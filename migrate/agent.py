@@ -135,9 +135,12 @@ class Agent:
         return {"incoming": str(incoming), "staging": str(self.pending.staging)}
 
     def op_adopt_layers(self, msg: dict) -> dict:
+        """The layers' blobs, rsynced into staging: each verified against its digest before it is
+        extracted (one import budget for them all); one that does not match fails the step."""
         p = self._pending(msg)
+        budget = self.rt.layers.import_budget()
         for digest in msg["digests"]:
-            if self.rt.layers.adopt(digest, p.staging):
+            if self.rt.layers.adopt(digest, p.staging, budget):
                 p.adopted.append(digest)
         return {"adopted": len(p.adopted)}
 

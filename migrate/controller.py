@@ -214,6 +214,8 @@ class Migration:
             self.name, self.spec.alias, dump_blocker(rec), procfs.connections_to_outside(pids),
             procfs.open_databases(pids), self.tcp_close, self.allow_new_inodes, taken)
         problems += preflight.limits_verdict(self.name, rec.spec.limits, remote)
+        problems += preflight.blobs_verdict(rec.spec.image, [
+            d for d in missing_layers(rec.spec.layers, remote["layers"]) if not self.rt.layers.has_blob(d)])
         verdict = dataclasses.replace(verdict, problems=verdict.problems + tuple(problems))
         self.stats.notes.extend(notes)
         if not verdict.problems:
@@ -241,10 +243,10 @@ class Migration:
         incoming = prep["incoming"]
         with self._step("layers"), self.stats.phase("layers"):
             missing = missing_layers(rec.spec.layers, remote["layers"])
-            if missing:
-                files = [f for d in missing for f in self.rt.layers.files_of(d)]
+            if missing:  # the blobs: the target verifies each against its digest and extracts it itself
+                blobs = [self.rt.layers.blob_of(d) for d in missing]
                 total = sum(self.rt.layers.size_of(d) for d in missing)
-                self.stats.bytes["layers"] += rsync.send(files, prep["staging"] + "/", "layers", total)
+                self.stats.bytes["layers"] += rsync.send(blobs, prep["staging"] + "/", "layers", total)
                 agent.call("adopt_layers", name=self.name, digests=missing)
         with self._step("upper sync"), self.stats.phase("upper sync (running)"):
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",

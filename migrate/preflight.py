@@ -96,6 +96,16 @@ def limits_verdict(name: str, limits, remote: dict) -> list[str]:
             f"{', '.join(lacking)} cgroup controller for containers"]
 
 
+def blobs_verdict(image: str, lacking: list[str]) -> list[str]:
+    """Layers the target lacks go as their blobs, which it verifies against their digests; a layer
+    imported here before the store kept blobs has none (a tree cannot be verified there)."""
+    if not lacking:
+        return []
+    return [f"{len(lacking)} layer(s) of image {image} that the target lacks ({', '.join(d[:19] for d in lacking)}) "
+            "have no blob here, as they were imported before the layer store kept blobs: import the image "
+            "again on this host (migrate image import), which keeps them"]
+
+
 def needs_pipe_size(local: dict) -> bool:
     """Lazy dumps need big pipes on the source (else `page-pipe: tee: ... Operation not permitted`)."""
     return local.get("pipe_max_size", 0) < LAZY_PIPE_SIZE

@@ -21,7 +21,8 @@ STEPS = (
          False, "source", "nothing to undo"),
     Step("prepare", "the target makes its incoming folder (with an owner file naming its agent)",
          False, "source", "the agent removes it; if the agent died, the next command on the target does"),
-    Step("layers", "image layers the target lacks, rsynced into staging and adopted as foreign",
+    Step("layers", "the blobs of the image layers the target lacks, rsynced into staging; the target verifies "
+         "each against its digest and extracts it (a mismatch fails the step)",
          False, "source", "the layers this migration brought are removed unless something uses them"),
     Step("upper sync", "the container's own files, rsynced while it runs",
          False, "source", "the incoming folder is removed"),

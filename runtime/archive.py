@@ -42,7 +42,8 @@ from .spec import ContainerSpec, validate_name
 from .store import ImageRecord, SnapshotRecord
 
 FORMAT = "migrate-snapshot-archive"
-VERSION = 1
+VERSION = 2  # 2: a carried layer is its blob, verified against its digest and extracted on import
+READS = (1, 2)  # a version-1 archive is read unless it carries layers (as trees, which cannot be verified)
 MANIFEST = "manifest.json"
 MAX_MANIFEST = 4 << 20
 ZSTD_LEVEL = 3
@@ -50,7 +51,7 @@ DISK_HEADROOM = 1.1  # over the members' bytes: file-system overhead of what is 
 UPPER = "snapshot/upper.tar"
 _FILES = (SPEC_FILE, CHECKPOINT_META, "container.log")  # beside the images in a snapshot folder
 _IMAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}")
-_LAYER = re.compile(r"layers/([0-9a-f]{64})\.tar")
+_LAYER = re.compile(r"layers/([0-9a-f]{64})")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
@@ -99,8 +100,11 @@ def parse_manifest(data: bytes) -> dict:
         raise ImageError(f"the manifest is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ImageError("not a snapshot archive of migrate (no manifest)")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS:
         raise ImageError(f"archive format version {manifest.get('version')!r}; this migrate reads {VERSION}")
+    if manifest["version"] == 1 and manifest.get("layers"):
+        raise ImageError("a version-1 archive carries its layers as trees, which cannot be verified against their "
+                         "digests: import the image here first, or export the snapshot again with this version")
     if seal(manifest) != data:
         raise ImageError("the manifest is damaged: it does not match its own sha256")
     try:
@@ -237,8 +241,8 @@ def export(snapshots: Snapshots, snap: SnapshotRecord, out: Path, with_image: bo
 
 def _sources(rt, sdir: Path, spec: ContainerSpec, with_image: bool, work: Path) -> tuple[list, dict]:
     """(member name, file) of everything the archive carries, and the carried layers' metadata.
-    Trees (the upper dir, layers) are made into tar files in `work` first: a tar member's size
-    comes before its data."""
+    A layer goes as its blob, which the importing host verifies; the upper dir is made into a tar
+    file in `work` first: a tar member's size comes before its data."""
     sources = [(f"snapshot/{f}", sdir / f) for f in _FILES if (sdir / f).is_file()]
     for f in sorted((sdir / "images").iterdir()):
         if not stat.S_ISREG(f.lstat().st_mode) or not _IMAGE_FILE.fullmatch(f.name):
@@ -247,10 +251,8 @@ def _sources(rt, sdir: Path, spec: ContainerSpec, with_image: bool, work: Path) 
     sources.append((UPPER, _tree_tar(sdir / "upper", work / "upper.tar")))
     layers = {}
     for digest in dict.fromkeys(spec.layers) if with_image else ():
-        tree, sidecar = rt.layers.files_of(digest)
-        hex_ = parse_digest(digest)
-        sources.append((f"layers/{hex_}.tar", _tree_tar(tree, work / f"{hex_}.tar")))
-        layers[digest] = json.loads(sidecar.read_text())
+        sources.append((f"layers/{parse_digest(digest)}", rt.layers.blob_of(digest)))
+        layers[digest] = rt.layers.meta(digest)
     return sources, layers
 
 
@@ -385,16 +387,11 @@ def _extract_and_publish(rt, manifest: dict, name: str, members, reader) -> Snap
     try:
         write_owner(partial / OWNER_FILE)  # an import that dies leaves an unfinished folder, swept
         (partial / "images").mkdir(mode=0o700)
-        (partial / "layers").mkdir(mode=0o700)
-        _extract(rt, manifest, members, reader, partial)
+        _extract(rt, manifest, members, reader, partial, adopted)
         spec = ContainerSpec.from_json((partial / SPEC_FILE).read_text())
         if spec.layers != tuple(manifest["snapshot"]["spec"]["layers"]):
             raise ImageError("its spec and its manifest name different layers")
         (partial / SPEC_FILE).write_text(spec.renamed(name).to_json())
-        for digest in manifest["layers"]:
-            if (partial / "layers" / parse_digest(digest)).is_dir() and rt.layers.adopt(digest, partial / "layers"):
-                adopted.append(digest)
-        shutil.rmtree(partial / "layers")
         snap = manifest["snapshot"]
         (partial / SNAPSHOT_META).write_text(json.dumps({
             "id": snapshot_id, "container": name, "tag": snap["tag"], "created": snap["created"],
@@ -417,10 +414,13 @@ def _extract_and_publish(rt, manifest: dict, name: str, members, reader) -> Snap
     return adopt_snapshot(rt.catalog, final)
 
 
-def _extract(rt, manifest: dict, members, reader, partial: Path) -> None:
+def _extract(rt, manifest: dict, members, reader, partial: Path, adopted: list[str]) -> None:
     """Every member into the unfinished folder while it is hashed; each must be listed, once,
-    with its size and digest, every listed one must come, and the zstd frame must end well."""
+    with its size and digest, every listed one must come, and the zstd frame must end well.
+    A carried layer's blob goes into the store as an import's does, verified against its digest
+    (ADOPTED lists those added, for the caller to remove if the import fails)."""
     expected = {m["name"]: m for m in manifest["members"]}
+    budget = rt.layers.import_budget() if manifest["layers"] else None
     for tar, member in members:
         m = expected.pop(member.name, None)
         if m is None or not member.isreg() or member.size != m["size"]:
@@ -435,11 +435,10 @@ def _extract(rt, manifest: dict, members, reader, partial: Path) -> None:
         elif kind == "upper":
             (partial / "upper").mkdir(mode=0o700)
             extract_native_tree(data, partial / "upper", label)
-        elif not rt.layers.has(where):
-            hex_ = parse_digest(where)
-            (partial / "layers" / hex_).mkdir(mode=0o700)
-            extract_native_tree(data, partial / "layers" / hex_, label)
-            (partial / "layers" / f"{hex_}.json").write_text(json.dumps(manifest["layers"][where]))
+        else:
+            meta = manifest["layers"][where]
+            if rt.layers.add_from_stream(where, data, None, size=meta["size"], diff_id=meta["diff_id"], budget=budget):
+                adopted.append(where)
         drain(data)
         if data.hexdigest() != m["sha256"]:
             raise ImageError(f"member {member.name} is damaged: its sha256 is {data.hexdigest()}, "

@@ -42,9 +42,10 @@ class Images:
         self.collect_garbage()
 
     def collect_garbage(self) -> list[str]:
-        """Drop layers that no image, container or snapshot refers to."""
+        """Drop layers that no image, container or snapshot refers to, with their blobs (and a
+        blob an interrupted import left without its tree)."""
         used = self.catalog.layers_in_use()
-        dropped = [d for d in self.rt.layers.digests() if d not in used]
+        dropped = [d for d in self.rt.layers.stored() if d not in used]
         for digest in dropped:
             self.rt.layers.remove(digest)
         return dropped

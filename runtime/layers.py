@@ -1,17 +1,19 @@
-"""Content-addressed store of extracted image layers, each ready to be an overlayfs lowerdir.
+"""Content-addressed store of image layers: each one's blob as its image had it, and the tree
+extracted from it, ready to be an overlayfs lowerdir.
 
-A layer lives at `<store>/sha256/<hex>/`, named by the digest of its blob as the manifest lists
-it, with `<hex>.json` beside it (blob size, diff_id). Layers come from untrusted archives, so the
-extractor walks every path itself through directory fds opened with O_NOFOLLOW instead of
-trusting tarfile: nothing it writes can land outside the layer, whatever the symlinks inside say.
+A layer lives at `<store>/sha256/<hex>/`, named by the sha256 of its blob (the digest its image
+lists, compressed or plain), with `<hex>.json` beside it (blob size, diff_id) and the blob itself
+at `<store>/blobs/sha256/<hex>`. Layers come from untrusted archives, so the extractor walks every
+path itself through directory fds opened with O_NOFOLLOW instead of trusting tarfile: nothing it
+writes can land outside the layer, whatever the symlinks inside say.
 
-A layer tree that arrives extracted from another host (a migration, a snapshot archive) cannot be
-checked against its digest: the store keeps no blob, and a tree does not give back the tar it
-came from. So it is adopted into `<store>/foreign/sha256/<hex>/` (REVIEW S6): the containers that
-came with it run on it, but an import here never takes it for the digest's content. The import
-extracts its own blob into `sha256/`, which every later mount of that digest then uses.
+The blob is kept because a tree cannot be checked against its digest (it does not give back the
+tar it came from): another host (a migration, a snapshot archive) is sent the blob, verifies it
+against the digest and extracts it itself, as an import does (REVIEW S6). A blob that does not
+hash to its name is refused, so no host ever holds a tree under a digest it did not verify.
 """
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -23,7 +25,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,10 +58,10 @@ WHITEOUT_PREFIX = ".wh."
 # long-name header whole into memory, and every member costs an inode.
 MAX_HEADER_BYTES = 1 << 20
 MAX_MEMBERS = 1_000_000
-# Bounds on what one import may write (REVIEW S3), over its outer archive and all its layers: the
-# caps stop an archive that claims absurd sizes (a sparse member counts at the size it expands to,
-# since it is written out densely), and the reserve keeps an import from filling the filesystem
-# the running containers write to.
+# Bounds on what one import may write (REVIEW S3), over its outer archive and all its layers (their
+# trees and kept blobs): the caps stop an archive that claims absurd sizes (a sparse member counts
+# at the size it expands to, since it is written out densely), and the reserve keeps an import
+# from filling the filesystem the running containers write to.
 MAX_MEMBER_BYTES = 32 << 30
 MAX_IMPORT_BYTES = 128 << 30
 # What an import leaves free for the containers' logs and snapshots: 5% of the filesystem (1%
@@ -141,38 +143,57 @@ class LayerStore:
         self._whiteouts = whiteouts or OverlayWhiteouts()
 
     def has(self, digest: str) -> bool:
-        return any(p.is_dir() for p in self._trees(digest))
+        return self._tree(digest).is_dir()
 
     def path_of(self, digest: str) -> Path:
-        """The layer's tree: the one extracted here from its verified blob, else a foreign one."""
-        for p in self._trees(digest):
-            if p.is_dir():
-                return p
-        raise NotFound(f"layer {digest} is not in the store")
+        """The layer's tree."""
+        tree = self._tree(digest)
+        if not tree.is_dir():
+            raise NotFound(f"layer {digest} is not in the store")
+        return tree
 
     def size_of(self, digest: str) -> int:
         """Size of the layer's blob (compressed, as in the archive), not of the extracted tree."""
-        return self._meta(digest)["size"]
+        return self.meta(digest)["size"]
+
+    def meta(self, digest: str) -> dict:
+        """The layer's sidecar: its blob's `size` and its `diff_id` (the sha256 of the tar inside)."""
+        return json.loads((self.path_of(digest).with_suffix(".json")).read_text())
+
+    def has_blob(self, digest: str) -> bool:
+        """False for a layer imported before the store kept blobs: it cannot be sent to another host."""
+        return self._blob(digest).is_file()
+
+    def blob_of(self, digest: str) -> Path:
+        """The layer's blob, as its image had it: what another host verifies and extracts."""
+        if not self.has_blob(digest):
+            if self.has(digest):
+                raise NotFound(f"layer {digest} has no blob here (it was imported before the store kept them): "
+                               "import its image again on this host to keep it")
+            raise NotFound(f"layer {digest} is not in the store")
+        return self._blob(digest)
 
     def digests(self) -> list[str]:
-        """Every layer held, verified or foreign."""
-        found = set()
-        for d in (self.path / "sha256", self._foreign() / "sha256"):
-            if d.is_dir():
-                found.update(p.name for p in d.iterdir() if re.fullmatch("[0-9a-f]{64}", p.name) and p.is_dir())
-        return sorted(f"sha256:{h}" for h in found)
+        """The layers held: those with a tree."""
+        return _names(self.path / "sha256", dirs=True)
+
+    def stored(self) -> list[str]:
+        """Every digest the store has anything of, a tree or a blob alone (an import that died
+        between the two leaves one): what garbage collection goes through."""
+        return sorted(set(self.digests()) | set(_names(self._blobs(), dirs=False)))
 
     def remove(self, digest: str) -> None:
-        """Both trees of the layer, the verified and the foreign one."""
-        present = [p for p in self._trees(digest) if p.is_dir()]
-        if not present:
+        """The tree, its sidecar and its blob."""
+        layer, blob = self._tree(digest), self._blob(digest)
+        if not layer.is_dir() and not blob.is_file():
             raise NotFound(f"layer {digest} is not in the store")
-        self._tmp().mkdir(parents=True, exist_ok=True)
-        for layer in present:
+        if layer.is_dir():
+            self._tmp().mkdir(parents=True, exist_ok=True)
             doomed = Path(tempfile.mkdtemp(dir=self._tmp(), prefix="rm-")) / "layer"
             layer.rename(doomed)  # the layer vanishes atomically; deleting the tree may take a while
             layer.with_suffix(".json").unlink(missing_ok=True)
             _force_rmtree(doomed.parent)
+        blob.unlink(missing_ok=True)
 
     def remove_unused(self, digest: str, in_use: Collection[str]) -> bool:
         """Remove one layer unless `in_use` (the digests the catalog's images, containers and
@@ -191,54 +212,72 @@ class LayerStore:
         size: int | None = None,
         diff_id: str | None = None,
         budget: ImportBudget | None = None,
+        scratch: Path | None = None,
     ) -> bool:
-        """Verify the blob read from `fileobj` against `digest` (and `size`, `diff_id` when given)
-        and store it extracted. Returns False when the layer was already there (the stream is
-        still verified). On any failure nothing new is left in the store.
+        """Verify the blob read from `fileobj` against `digest` (and `size`, `diff_id` when given),
+        and store it and the tree extracted from it. Returns False when the layer was already
+        there (the stream is still verified, and kept if the layer had no blob yet). On any
+        failure nothing new is left in the store.
 
         The compression (gzip, zstd or none) is taken from the magic bytes, not the media type,
         which only has to be a known layer type (None for docker-archive layers, which have none).
-        `budget` is the import's, shared by its layers; without one, the layer gets its own.
-        A foreign tree of the digest does not count as present: the blob is extracted beside it.
+        `budget` is the import's, shared by its layers (the blob counts too); without one, the
+        layer gets its own. The work is done in a folder made in `scratch` (default: the store's
+        tmp), which must be on the store's filesystem.
         """
         hex_ = parse_digest(digest)
         if diff_id is not None:
             parse_digest(diff_id)
         if media_type is not None and media_type not in LAYER_MEDIA_TYPES:
             raise ImageError(f"layer {digest}: unsupported media type {media_type!r}")
-        if (self.path / "sha256" / hex_).is_dir():
+        final, blob_path = self._tree(digest), self._blob(digest)
+        present = final.is_dir()
+        if present and blob_path.is_file():
             self._verify_present(digest, fileobj, size, diff_id)
             return False
-        self._tmp().mkdir(parents=True, exist_ok=True)
-        (self.path / "sha256").mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self._tmp(), prefix=f"{hex_[:12]}-"))
-        final = self.path / "sha256" / hex_
+        budget = budget or self.import_budget()
+        for d in (self.path / "sha256", blob_path.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=scratch or self._tmp(), prefix=f"{hex_[:12]}-"))
         sidecar = final.with_suffix(".json")
         try:
-            blob = Digesting(fileobj)
-            tar_stream = Digesting(_decompressor(blob, digest))
-            budget = budget or self.import_budget()
-            _Extractor(tmp, f"layer {digest}", self._whiteouts, budget=budget).run(tar_stream)
-            drain(tar_stream)
-            drain(blob)
-            diff_id_found = "sha256:" + tar_stream.hexdigest()
+            with open(work / "blob", "xb") as kept:
+                def keep(data: bytes) -> None:
+                    budget.charge(f"layer {digest}", len(data))
+                    kept.write(data)
+
+                blob = Digesting(fileobj, keep)
+                if present:  # imported before the store kept blobs: verified, and its blob kept now
+                    drain(blob)
+                    diff_id_found = self.meta(digest)["diff_id"]
+                else:
+                    tar_stream = Digesting(_decompressor(blob, digest))
+                    (work / "tree").mkdir()
+                    _Extractor(work / "tree", f"layer {digest}", self._whiteouts, budget=budget).run(tar_stream)
+                    drain(tar_stream)
+                    drain(blob)
+                    diff_id_found = "sha256:" + tar_stream.hexdigest()
             _check(digest, blob, size, diff_id_found, diff_id)
-            # The sidecar first: a layer directory never exists without it.
+            # The blob and the sidecar first: a layer directory never exists without them.
+            os.replace(work / "blob", blob_path)
+            if present:
+                return False
             _write_atomic(sidecar, json.dumps({"size": blob.size, "diff_id": diff_id_found}).encode())
             try:
-                tmp.rename(final)
+                (work / "tree").rename(final)
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
-                _force_rmtree(tmp)  # another import stored the same layer meanwhile
-                return False
+                return False  # another import stored the same layer meanwhile
         except BaseException as e:
-            _force_rmtree(tmp)
             if not final.exists():
                 sidecar.unlink(missing_ok=True)
+                blob_path.unlink(missing_ok=True)
             if isinstance(e, CORRUPT):
                 raise ImageError(f"layer {digest}: corrupt or truncated data ({e})") from None
             raise
+        finally:
+            _force_rmtree(work)
         return True
 
     def import_budget(self) -> ImportBudget:
@@ -252,72 +291,68 @@ class LayerStore:
         self._tmp().mkdir(parents=True, exist_ok=True)
         return tempfile.TemporaryFile(dir=self._tmp())
 
-    def files_of(self, digest: str) -> tuple[Path, Path]:
-        """The extracted tree and its sidecar: what another host needs to hold the layer."""
-        layer = self.path_of(digest)
-        return layer, layer.with_suffix(".json")
-
     def staging_dir(self) -> Path:
-        """A fresh folder on the store's filesystem, for layers arriving from another host."""
+        """A fresh folder on the store's filesystem, for layer blobs arriving from another host."""
         self._tmp().mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=self._tmp(), prefix="incoming-"))
 
-    def adopt(self, digest: str, staged: Path) -> bool:
-        """Move a layer copied into `staged` (by files_of's names) from another host into the store,
-        as a foreign layer (see the module's docstring); False if the store holds the digest."""
-        hex_ = parse_digest(digest)
-        tree, sidecar = staged / hex_, staged / f"{hex_}.json"
-        if self.has(digest):
-            return False
-        _check_arrived(digest, tree, sidecar)
-        (self._foreign() / "sha256").mkdir(parents=True, exist_ok=True)
-        final = self._foreign() / "sha256" / hex_
-        sidecar.rename(final.with_suffix(".json"))  # the sidecar first, as in add_from_stream
+    def adopt(self, digest: str, staged: Path, budget: ImportBudget | None = None) -> bool:
+        """Add the layer whose blob another host copied into `staged` (by blob_of's name): it must
+        hash to `digest` before anything is extracted, then it is extracted as an import does.
+        The staged file is consumed either way, and the extraction is done inside `staged`, which
+        is swept with it if this process dies; False if the store held the layer already."""
+        where = staged / parse_digest(digest)
         try:
-            tree.rename(final)
-        except OSError:
-            if self.has(digest):  # another move or import adopted the same layer meanwhile
-                return False
-            raise
-        return True
+            with _open_staged(where, digest) as f:
+                blob = Digesting(f)
+                drain(blob)
+                _check(digest, blob, None, None, None)
+                f.seek(0)
+                return self.add_from_stream(digest, f, None, budget=budget, scratch=staged)
+        finally:
+            with contextlib.suppress(OSError):
+                where.unlink()
 
     def _verify_present(self, digest: str, fileobj: BinaryIO, size: int | None, diff_id: str | None) -> None:
         blob = Digesting(fileobj)
         drain(blob)
-        _check(digest, blob, size, self._meta(digest)["diff_id"], diff_id)
+        _check(digest, blob, size, self.meta(digest)["diff_id"], diff_id)
 
-    def _meta(self, digest: str) -> dict:
-        return json.loads((self.path_of(digest).with_suffix(".json")).read_text())
+    def _tree(self, digest: str) -> Path:
+        return self.path / "sha256" / parse_digest(digest)
 
-    def _trees(self, digest: str) -> tuple[Path, Path]:
-        """Where the layer's tree may be, the verified place first."""
-        hex_ = parse_digest(digest)
-        return self.path / "sha256" / hex_, self._foreign() / "sha256" / hex_
+    def _blob(self, digest: str) -> Path:
+        return self._blobs() / parse_digest(digest)
 
-    def _foreign(self) -> Path:
-        return self.path / "foreign"
+    def _blobs(self) -> Path:
+        return self.path / "blobs" / "sha256"
 
     def _tmp(self) -> Path:
         return self.path / "tmp"
 
 
-def _check_arrived(digest: str, tree: Path, sidecar: Path) -> None:
-    """A staged layer is a real directory with a sidecar a store writes: a plain file of JSON with
-    the blob's size and a diff_id (what preflight and an export read from it)."""
+def _names(folder: Path, dirs: bool) -> list[str]:
+    """The digests named by the folders (or the files) in `folder`."""
+    if not folder.is_dir():
+        return []
+    return sorted(f"sha256:{p.name}" for p in folder.iterdir()
+                  if re.fullmatch("[0-9a-f]{64}", p.name) and (p.is_dir() if dirs else p.is_file()))
+
+
+def _open_staged(path: Path, digest: str) -> BinaryIO:
+    """A staged blob, opened without following a symlink and only if it is a regular file."""
     try:
-        tree_ok = stat.S_ISDIR(tree.lstat().st_mode)
-        meta_st = sidecar.lstat()
-        meta = json.loads(sidecar.read_bytes()) if stat.S_ISREG(meta_st.st_mode) and meta_st.st_size < 4096 else None
-    except (OSError, ValueError):
-        tree_ok, meta = False, None
-    if not tree_ok or not isinstance(meta, dict):
-        raise ImageError(f"layer {digest} did not arrive complete (a directory and its sidecar file)")
-    size, diff_id = meta.get("size"), meta.get("diff_id")
-    if type(size) is not int or size < 0 or not isinstance(diff_id, str) or _DIGEST.fullmatch(diff_id) is None:
-        raise ImageError(f"layer {digest} arrived with a garbled sidecar (size and diff_id)")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        raise ImageError(f"layer {digest} did not arrive (no plain file {path.name} in staging)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"layer {digest} did not arrive as a plain file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
-def _check(digest: str, blob: "Digesting", size: int | None, actual_diff_id: str, diff_id: str | None) -> None:
+def _check(digest: str, blob: "Digesting", size: int | None, actual_diff_id: str | None, diff_id: str | None) -> None:
     actual = "sha256:" + blob.hexdigest()
     if actual != digest:
         raise ImageError(f"layer {digest}: digest mismatch, the blob hashes to {actual}")
@@ -328,10 +363,11 @@ def _check(digest: str, blob: "Digesting", size: int | None, actual_diff_id: str
 
 
 class Digesting:
-    """Passes a stream through, hashing and counting every byte read."""
+    """Passes a stream through, hashing and counting every byte read (and handing it to `sink`)."""
 
-    def __init__(self, src):
+    def __init__(self, src, sink: Callable[[bytes], None] | None = None):
         self._src = src
+        self._sink = sink
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -339,6 +375,8 @@ class Digesting:
         data = self._src.read(n)
         self._hash.update(data)
         self.size += len(data)
+        if self._sink is not None:
+            self._sink(data)
         return data
 
     def hexdigest(self) -> str:

@@ -10,6 +10,9 @@ import pytest
 import zstandard
 from clihost import COUNTER, IMAGE, assert_consecutive, counter_numbers, record_timing
 
+from runtime.imagebuild import make_layer
+from runtime.layers import LayerStore
+
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 
@@ -96,6 +99,25 @@ def test_image_travels_only_when_asked(bb, other):
     assert [s["container"] for s in other.json("snapshots")] == ["copy"]
     assert other.json("snapshots")[0]["id"] == new_id
     other.ok("rm", "-f", "copy")
+
+
+def test_a_carried_layer_blob_that_is_not_the_layer_s_is_refused_and_leaves_nothing(bb, other):
+    """The manifest is consistent (the exporting host's blob was replaced before the export), but
+    the carried blob does not hash to its layer's digest: the importing host refuses it."""
+    bb.ok("run", "--name", "job", IMAGE, "sh", "-c", COUNTER)
+    bb.wait_count("job", 3)
+    bb.ok("checkpoint", "job")
+    [digest] = LayerStore(bb.state.layers).digests()
+    LayerStore(bb.state.layers).blob_of(digest).write_bytes(make_layer({"planted": b"not the layer"}, "gzip"))
+    _, full = _export(bb, "job", "--with-image")
+
+    before = other.snapshot_of_state()
+    r = other.fails(5, "import", _carry(full, other), "--start")
+    assert f"layer {digest}: digest mismatch" in r.err and len(r.err.strip().splitlines()) == 1, str(r)
+    after = other.snapshot_of_state()
+    assert {**after, "layers": []} == {**before, "layers": []}  # the store's empty folders may be made
+    assert LayerStore(other.state.layers).stored() == [] and os.listdir(other.state.layers / "tmp") == []
+    bb.ok("rm", "-f", "job")
 
 
 @pytest.mark.parametrize("where", ["start", "frame-header", "manifest", "second-frame", "middle", "near-end", "last"])

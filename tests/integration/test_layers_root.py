@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.imagebuild import FileSpec, build_image, busybox_layer, opaque, whiteout
+from runtime.imagebuild import FileSpec, build_image, busybox_layer, make_layer, opaque, whiteout
 from migrate.agent import Agent
 from runtime.container import Runtime
+from runtime.errors import ImageError
 from runtime.images import import_image
 from runtime.layers import LayerStore
 from runtime.paths import StateRoot
@@ -101,29 +102,31 @@ def test_busybox_image_runs_in_a_chroot(tmp_path):
     assert (r.returncode, r.stdout) == (0, "root\n"), r.stderr
 
 
-def test_a_tree_sent_under_a_layer_s_digest_never_stands_for_that_layer_in_a_local_import(image, tmp_path):
-    """The target side of a migration, in process: the source's rsync leaves a tampered copy of a
-    real layer in staging and the agent adopts it. It is kept as foreign, and importing the image
-    on the target extracts the layer from its own verified blob: what a new container gets."""
+def test_a_blob_sent_under_a_layer_s_digest_is_refused_and_genuine_ones_are_extracted_on_the_target(image, tmp_path):
+    """The target side of a migration, in process: the source's rsync leaves the layers' blobs in
+    staging. One that is not the layer's (a tampered password file) is refused and nothing is
+    adopted; the genuine ones are verified and extracted there, whiteouts and all."""
     source, img = image
     target = Runtime(StateRoot(tmp_path / "target"))
     agent = Agent(target)
+    tampered = make_layer({**BASE, "etc/passwd": b"root::0:0::/:/bin/sh\n"}, "gzip")  # no password
     try:
-        prep = agent.handle({"op": "prepare", "name": "c1", "migration": "0123456789abcdef", "volumes": []})
-        for d in img.layers:
-            subprocess.run(["cp", "-a", "--", *map(str, source.files_of(d)), prep["staging"]], check=True)
-        tampered = Path(prep["staging"]) / img.layers[0].split(":")[1]
-        (tampered / "etc/passwd").write_text("root::0:0::/:/bin/sh\n")  # no password
-        assert agent.handle({"op": "adopt_layers", "name": "c1", "digests": list(img.layers)}) == {"adopted": 2}
-        planted = target.layers.path_of(img.layers[0])
-        assert planted.parent == target.layers.path / "foreign" / "sha256"
-        assert (planted / "etc/passwd").read_text().startswith("root::")
-
-        import_image(tmp_path / "image.tar", target.layers)
+        for migration, blobs in (("0123456789abcdef", {img.layers[0]: tampered}), ("fedcba9876543210", {})):
+            prep = agent.handle({"op": "prepare", "name": "c1", "migration": migration, "volumes": []})
+            for d in img.layers:
+                (Path(prep["staging"]) / d.split(":")[1]).write_bytes(blobs.get(d) or source.blob_of(d).read_bytes())
+            if blobs:
+                with pytest.raises(ImageError, match=f"layer {img.layers[0]}: digest mismatch"):
+                    agent.handle({"op": "adopt_layers", "name": "c1", "digests": list(img.layers)})
+                agent.abort()  # the controller's rollback
+                assert target.layers.digests() == [] and not Path(prep["staging"]).exists()
+                continue
+            assert agent.handle({"op": "adopt_layers", "name": "c1", "digests": list(img.layers)}) == {"adopted": 2}
         genuine = target.layers.path_of(img.layers[0])
-        assert genuine.parent == target.layers.path / "sha256"
         assert (genuine / "etc/passwd").read_bytes() == BASE["etc/passwd"]
         assert os.getxattr(target.layers.path_of(img.layers[1]) / "bin", "trusted.overlay.opaque") == b"y"
+        assert [target.layers.blob_of(d).read_bytes() for d in img.layers] == [
+            source.blob_of(d).read_bytes() for d in img.layers]
     finally:
         agent.abort()
         target.close()

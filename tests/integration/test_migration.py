@@ -170,19 +170,71 @@ def test_second_container_of_the_same_image_sends_no_layers(two):
 
 def test_a_layer_tree_the_source_changed_never_stands_for_that_layer_in_an_import_on_the_target(
         two, busybox_archives):
-    """The target cannot check a tree against its layer's digest: it keeps it as foreign, and an
-    import of the image there extracts the layer from its own verified blob."""
+    """A layer goes as its blob, not its tree: what the source did to its tree stays there, and
+    the target holds the tree it extracted from the verified blob, which a later import of the
+    image there verifies against and keeps."""
     a, b = two["host-a"], two["host-b"]
     a.ok("run", "--name", "c1", IMAGE, "sleep", "1000")
     [digest] = LayerStore(a.state.layers).digests()
     (LayerStore(a.state.layers).path_of(digest) / "planted").write_text("not in the image\n")
     r = two.move("host-a", "c1", "host-b")
     assert r.rc == 0, str(r)
-    foreign = LayerStore(b.state.layers).path_of(digest)
-    assert foreign.parent == b.state.layers / "foreign" / "sha256" and (foreign / "planted").exists()
+    there = LayerStore(b.state.layers)
+    assert not (there.path_of(digest) / "planted").exists()
+    assert b.run("exec", "c1", "ls", "/planted").rc != 0
+    assert there.blob_of(digest).read_bytes() == LayerStore(a.state.layers).blob_of(digest).read_bytes()
     b.ok("image", "import", busybox_archives["docker-archive"])
-    genuine = LayerStore(b.state.layers).path_of(digest)
-    assert genuine.parent == b.state.layers / "sha256" and not (genuine / "planted").exists()
+    assert there.digests() == [digest] and not (there.path_of(digest) / "planted").exists()
+
+
+def test_a_layer_blob_the_source_tampered_with_is_refused_on_the_target(two):
+    """A blob that does not hash to its layer's digest (one byte flipped on the source) is refused
+    at the layers step: the container runs on at the source, the target keeps nothing."""
+    a, b = two["host-a"], two["host-b"]
+    before = start_counter(two)
+    rec = two.record("host-a", "c1")
+    [digest] = LayerStore(a.state.layers).digests()
+    blob = LayerStore(a.state.layers).blob_of(digest)
+    genuine = blob.read_bytes()
+    blob.write_bytes(genuine[:1000] + bytes([genuine[1000] ^ 1]) + genuine[1001:])
+
+    r = a.fails(8, "c1", "host-b")
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "failed at layers" in r.err and f"layer {digest}: digest mismatch" in r.err, str(r)
+    assert "keeps running here" in r.err, str(r)
+    ct = a.container("c1")
+    assert (ct["state"], ct["pid"]) == ("running", rec["pid"]), ct
+    assert_counts_on(two, "host-a", "c1", before)
+    assert b.ps() == {} and LayerStore(b.state.layers).digests() == []
+    blobs = b.state.layers / "blobs" / "sha256"
+    assert not blobs.exists() or not any(blobs.iterdir())
+    assert_no_migration_leftovers(a, b)
+    wait_until(lambda: not b._procs_of_root(), 10, "the agent on host-b to exit")
+
+    blob.write_bytes(genuine)  # and the rollback left a container that can still move
+    nums = counter_numbers(a.logs("c1"))
+    two.move_json("host-a", "c1", "host-b")
+    assert_counts_on(two, "host-b", "c1", nums)
+
+
+def test_a_layer_imported_before_blobs_were_kept_is_refused_at_preflight_until_imported_again(
+        two, busybox_archives):
+    a, b = two["host-a"], two["host-b"]
+    before = start_counter(two)
+    rec = two.record("host-a", "c1")
+    [digest] = LayerStore(a.state.layers).digests()
+    LayerStore(a.state.layers).blob_of(digest).unlink()  # as a store made before blobs were kept holds it
+    state_a, state_b = a.snapshot_of_state(), b.snapshot_of_state()
+    r = a.fails(8, "c1", "host-b")
+    assert "cannot migrate c1" in r.err and "have no blob here" in r.err and "import the image again" in r.err, str(r)
+    assert_refused_and_unchanged(two, r, 8, state_a, rec["pid"], before)
+    assert b.snapshot_of_state() == state_b
+
+    a.ok("image", "import", busybox_archives["docker-archive"])  # verifies the blob and keeps it
+    nums = counter_numbers(a.logs("c1"))
+    two.move_json("host-a", "c1", "host-b")
+    assert_counts_on(two, "host-b", "c1", nums)
+
 
 # ---------------------------------------------------------------------------------------------
 # 8: a failed restore on the target rolls back

@@ -1,6 +1,7 @@
 """The target side of a migration without SSH, CRIU or root: what an abort leaves, what the record
 keeps, and how a failed CRIU step on the target is reported with its kept log."""
 
+import io
 import json
 import os
 import time
@@ -13,11 +14,13 @@ from migrate.controller import Agent as AgentHandle
 from runtime import criulogs, journal
 from runtime.container import Runtime
 from runtime.errors import Conflict, CriuError, ImageError, InvalidInput, PeerLost, RemoteError
+from runtime.imagebuild import digest_of, make_layer
 from runtime.paths import StateRoot
 from runtime.spec import ContainerSpec
 from runtime.store import ImageRecord
 
-L0, L1, L2 = ("sha256:" + c * 64 for c in "abc")
+BLOBS = {digest_of(b): b for b in (make_layer({"file": c.encode()}, "gzip") for c in "abc")}
+L0, L1, L2 = BLOBS
 MID = "0123456789abcdef"
 
 
@@ -55,11 +58,8 @@ def agent(rt, monkeypatch):
 
 
 def put_layer(folder: Path, digest: str) -> None:
-    """A layer as files_of() names it: the tree and its sidecar (as rsync leaves them in staging)."""
-    hex_ = digest.split(":")[1]
-    (folder / hex_).mkdir(parents=True)
-    (folder / hex_ / "file").write_text(hex_)
-    (folder / f"{hex_}.json").write_text(json.dumps({"size": 4, "diff_id": digest}))
+    """A layer's blob as blob_of() names it (as rsync leaves it in staging)."""
+    (folder / digest.split(":")[1]).write_bytes(BLOBS[digest])
 
 
 def prepare_with_layers(agent: Agent, digests) -> dict:
@@ -74,28 +74,28 @@ def spec(layers=(L1,)) -> str:
 
 
 def test_an_abort_removes_the_layers_it_brought_that_nothing_uses(rt, agent):
-    put_layer(rt.layers.path / "sha256", L0)  # here before, used by nothing: not ours to remove
+    rt.layers.add_from_stream(L0, io.BytesIO(BLOBS[L0]), None)  # here before, used by nothing: not ours to remove
     prep = prepare_with_layers(agent, (L0, L1, L2))
     assert agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L0, L1, L2]}) == {"adopted": 2}
-    assert rt.layers.digests() == [L0, L1, L2]
+    assert rt.layers.digests() == sorted([L0, L1, L2])
     # meanwhile an image arrives here that has L2
     rt.catalog.add_image(ImageRecord("other:latest", "sha256:" + "8" * 64, (L2,), {}, 4, 0.0))
     agent.handle({"op": "abort"})
-    assert rt.layers.digests() == [L0, L2]
-    assert (rt.layers.path_of(L2) / "file").read_text() == L2.split(":")[1]
+    assert rt.layers.digests() == sorted([L0, L2])
+    assert (rt.layers.path_of(L2) / "file").read_text() == "c"
     assert not Path(prep["staging"]).exists() and not Path(prep["incoming"]).exists()
 
 
-def test_a_layer_that_does_not_arrive_in_a_store_s_form_is_refused_and_nothing_is_adopted(rt, agent):
+def test_a_blob_sent_under_a_wrong_digest_is_refused_and_the_rollback_leaves_nothing(rt, agent):
     prep = prepare_with_layers(agent, (L1,))
-    hex2 = L2.split(":")[1]
-    (Path(prep["staging"]) / hex2).mkdir()
-    (Path(prep["staging"]) / f"{hex2}.json").symlink_to("/etc/hostname")  # not a plain sidecar file
-    with pytest.raises(ImageError, match=f"layer {L2} did not arrive complete"):
+    (Path(prep["staging"]) / L2.split(":")[1]).write_bytes(BLOBS[L0])  # another layer's blob under L2
+    with pytest.raises(ImageError, match=f"^layer {L2}: digest mismatch, the blob hashes to {L0}$"):
         agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1, L2]})
     assert [(e.step, e.event) for e in rt.catalog.journal.entries(MID, journal.TARGET)][-1] == ("layers", "failed")
+    assert not rt.layers.has(L2) and os.listdir(prep["staging"]) == []
     agent.handle({"op": "abort"})  # the controller's rollback: the layer adopted before goes too
-    assert rt.layers.digests() == []
+    assert rt.layers.digests() == [] and not Path(prep["staging"]).exists()
+    assert not any((rt.layers.path / "blobs" / "sha256").iterdir())
 
 
 def test_an_abort_keeps_layers_a_container_here_uses(rt, agent):

@@ -60,7 +60,7 @@ def test_a_resealed_change_must_still_make_sense():
     twice = _manifest()["members"] + [{"name": archive.UPPER, "size": 1, "sha256": HEX}]
     with pytest.raises(ImageError, match="twice"):
         archive.parse_manifest(archive.seal(_manifest(members=twice)))
-    carried = _manifest()["members"] + [{"name": f"layers/{'d' * 64}.tar", "size": 1, "sha256": HEX}]
+    carried = _manifest()["members"] + [{"name": f"layers/{'d' * 64}", "size": 1, "sha256": HEX}]
     with pytest.raises(ImageError, match="layers do not match"):  # a layer the spec does not use
         archive.parse_manifest(archive.seal(_manifest(members=carried, layers={f"sha256:{'d' * 64}": {
             "size": 1, "diff_id": f"sha256:{HEX}"}})))
@@ -72,8 +72,17 @@ def test_a_resealed_change_must_still_make_sense():
         archive.parse_manifest(b'{"format": "something else"}')
 
 
+def test_a_version_1_archive_is_read_unless_it_carries_layers_as_trees():
+    assert archive.parse_manifest(archive.seal(_manifest(version=1)))["version"] == 1
+    carried = _manifest()["members"] + [{"name": f"layers/{LAYER[7:]}.tar", "size": 1, "sha256": HEX}]
+    with pytest.raises(ImageError, match="version-1 archive carries its layers as trees"):
+        archive.parse_manifest(archive.seal(_manifest(version=1, members=carried, layers={LAYER: {
+            "size": 1, "diff_id": f"sha256:{HEX}"}})))
+
+
 @pytest.mark.parametrize("name", ["snapshot/images/../../x", "snapshot/images/.hidden", "/snapshot/spec.json",
-                                  "snapshot/images/a/b", "snapshot/owner.json", "layers/abc.tar", "upper/x"])
+                                  "snapshot/images/a/b", "snapshot/owner.json", "layers/abc",
+                                  f"layers/{'b' * 64}.tar", "upper/x"])
 def test_member_names_are_fixed(name):
     with pytest.raises(ImageError):
         archive.member_kind(name)
@@ -83,7 +92,7 @@ def test_member_kinds():
     assert archive.member_kind("snapshot/images/pages-1.img") == ("file", "images/pages-1.img")
     assert archive.member_kind("snapshot/container.log") == ("file", "container.log")
     assert archive.member_kind(archive.UPPER) == ("upper", "")
-    assert archive.member_kind(f"layers/{'b' * 64}.tar") == ("layer", LAYER)
+    assert archive.member_kind(f"layers/{'b' * 64}") == ("layer", LAYER)
 
 
 LOCAL = {"arch": "x86_64", "criu_version": "4.2.1", "cpu_flags": ["fpu", "sse2", "avx2", "avx512f"]}

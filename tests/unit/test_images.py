@@ -10,18 +10,22 @@ from pathlib import Path
 
 import pytest
 
+from runtime.container import Runtime
 from runtime.errors import ImageError, InvalidInput, NotFound
+from runtime.image_catalog import Images
 from runtime.imagebuild import (
     FORMATS,
     FileSpec,
     build_image,
     busybox_layer,
+    digest_of,
     make_layer,
     opaque,
     whiteout,
 )
 from runtime.images import import_image, parse_image_name
 from runtime.layers import LayerStore, OverlayWhiteouts
+from runtime.paths import StateRoot
 
 CONFIG = {"Cmd": ["sh", "-c", "echo hi"], "Entrypoint": ["/bin/env"], "Env": ["PATH=/bin", "A=1"], "WorkingDir": "/tmp"}
 BASE = {
@@ -52,7 +56,7 @@ def store(tmp_path):
 def assert_empty(store):
     """Nothing stored and no temporary leftovers."""
     assert store.digests() == []
-    for sub in ("sha256", "tmp"):
+    for sub in ("sha256", "blobs/sha256", "tmp"):
         assert not (store.path / sub).exists() or not any((store.path / sub).iterdir())
 
 
@@ -86,6 +90,8 @@ def test_import_each_format_and_compression(tmp_path, store, fmt, compression):
     assert (store.path_of(img.layers[0]) / "etc/passwd").exists()
     assert (store.path_of(img.layers[1]) / "bin/new").read_bytes() == b"new"
     assert store._whiteouts.calls == ["etc/.wh.passwd", "bin/.wh..wh..opq"]
+    for digest, layer in zip(img.layers, (BASE, TOP), strict=True):  # each blob kept as the image had it
+        assert store.blob_of(digest).read_bytes() == make_layer(layer, compression)
 
 
 def test_gzip_compressed_outer_archive(tmp_path, store):
@@ -328,3 +334,19 @@ def test_docker_archive_with_several_images_needs_a_name(tmp_path, store):
     with pytest.raises(ImageError, match="holds 2 images; pass --name"):
         import_image(archive, store)
     assert import_image(archive, store, name="b:2").name == "b:2"
+
+
+def test_removing_an_image_removes_its_layers_with_their_blobs_and_blobs_left_alone(tmp_path):
+    rt = Runtime(StateRoot(tmp_path / "root"))
+    try:
+        images = Images(rt)
+        build_image(tmp_path / "image.tar", layers=[BASE, {"a": b"x"}], fmt="oci-archive", name="img:1")
+        rec = images.import_(tmp_path / "image.tar")
+        assert [rt.layers.has_blob(d) for d in rec.layers] == [True, True]
+        orphan = make_layer({"b": b"y"}, "gzip")  # an import that died between its blob and its tree
+        (rt.layers.path / "blobs/sha256" / digest_of(orphan).removeprefix("sha256:")).write_bytes(orphan)
+        assert rt.layers.digests() == sorted(rec.layers) and digest_of(orphan) in rt.layers.stored()
+        images.remove("img:1")
+        assert rt.layers.stored() == [] and not any((rt.layers.path / "blobs/sha256").iterdir())
+    finally:
+        rt.close()

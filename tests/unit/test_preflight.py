@@ -1,6 +1,6 @@
 """Preflight is a pure comparison of two hosts' facts: every refusal reason is checked here."""
 
-from migrate.preflight import judge, limits_verdict, needs_pipe_size, version_tuple
+from migrate.preflight import blobs_verdict, judge, limits_verdict, needs_pipe_size, version_tuple
 from runtime.spec import Limits
 
 GIB = 1 << 30
@@ -137,3 +137,9 @@ def test_limits_need_their_controllers_on_the_target():
         "host-b cannot apply the limits of c1: it has no cpu cgroup controller for containers"]
     assert limits_verdict("c1", Limits(), facts(cgroup_controllers=[])) == []
     assert limits_verdict("c1", limits, facts()) == []  # an agent that does not say is not judged
+
+
+def test_layers_without_a_blob_here_cannot_be_sent():
+    assert blobs_verdict("busybox:latest", []) == []
+    [problem] = blobs_verdict("busybox:latest", ["sha256:" + "ab" * 32])
+    assert "sha256:abababababab" in problem and "busybox:latest" in problem and "import the image again" in problem
