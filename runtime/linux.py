@@ -6,7 +6,6 @@ Raising OSError with errno like the os module does keeps callers uniform.
 import ctypes
 import ctypes.util
 import os
-import socket
 import signal
 import stat
 import struct
@@ -218,10 +217,3 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def free_local_port() -> int:
-    """A free port on 127.0.0.1 for a CRIU page server; pick it just before use."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
