@@ -81,8 +81,8 @@ def test_snapshots_are_taken_on_time_pruned_to_keep_and_shown(bb):
     table = bb.ok("snapshots", "c1").out
     assert "(scheduled)" in table and "PAUSED" in table
 
-    row = bb.container("c1")
-    assert row["state"] == "running"
+    # every second a snapshot is under way for about half of it (`checkpointing`): between two
+    row = wait_until(lambda: (r := bb.container("c1"))["state"] == "running" and r, 10, "c1 between two snapshots")
     assert row["schedule"] == {"every": 1.0, "keep": 2}
     assert time.time() - row["last_snapshot"]["created"] < 30
     assert "(every 1s)" in bb.ok("ps").out
