@@ -490,7 +490,7 @@ class Migration:
             if "error" in outcome:
                 raise outcome["error"]
             faults.point("page-server-ready")  # CRIU serves pages, the target has not asked for any
-            master = rsync.master_pid()
+            master = rsync.session.master_pid
             start = procfs.bytes_read(master)
             with self._step("restore"), self.stats.phase("restore"):
                 self.restore_asked = True

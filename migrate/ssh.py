@@ -63,6 +63,11 @@ class SSHSession:
             raise
         return session
 
+    @property
+    def master_pid(self) -> int | None:
+        """The PID of the connection's ssh, which every session and forward goes through."""
+        return self._master.pid if self._master is not None else None
+
     def ssh_argv(self) -> list[str]:
         """OpenSSH argv (the host alias goes after it) for a client that rides on this connection:
         rsync's -e, `-O forward`. Its ProxyCommand fails at once, so a client can never fall back

@@ -137,13 +137,6 @@ class Rsync:
         with contextlib.suppress(RemoteError):
             self._forwarding("cancel", f"{remote}:{local}")
 
-    def master_pid(self) -> int | None:
-        """The PID of the shared connection's ssh (what every forward goes through), if it runs."""
-        p = subprocess.run([*self.session.ssh_argv(), "-O", "check", "--", self.spec.alias], capture_output=True,
-                           text=True, timeout=30)
-        m = re.search(r"pid=(\d+)", p.stderr + p.stdout)
-        return int(m.group(1)) if p.returncode == 0 and m else None
-
     def _forwarding(self, command: str, forward: str) -> None:
         p = subprocess.run([*self.session.ssh_argv(), "-O", command, "-R", forward, "--", self.spec.alias],
                            capture_output=True, text=True, timeout=30)
