@@ -369,3 +369,12 @@ def free_port(*hosts: MigrateHost) -> int:
     port = next((p for p in candidates if p in free), None)
     assert port is not None, f"none of {candidates} is free on every host"
     return port
+
+
+def static_program(folder: Path, name: str, source: str) -> Path:
+    """SOURCE (C) compiled statically into FOLDER/NAME, so it runs in any image."""
+    (folder / f"{name}.c").write_text(source)
+    p = subprocess.run(["gcc", "-static", "-O2", "-o", str(folder / name), str(folder / f"{name}.c")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"gcc failed (./scripts/setup installs gcc and libc6-dev): {p.stderr}"
+    return folder / name

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from clihost import BUSYBOX, IMAGE, MigrateHost
+from clihost import BUSYBOX, IMAGE, MigrateHost, static_program
 from cluster import REMOTE_COMMAND, Cluster, print_logs
 
 from runtime.imagebuild import build_image, busybox_layer
@@ -151,11 +151,7 @@ int main(int argc, char **argv) {
 def memhog_image(tmp_path_factory) -> Path:
     """busybox plus a static program holding 512 MiB (or argv[1] MiB) of deterministic data."""
     d = tmp_path_factory.mktemp("memhog")
-    (d / "memhog.c").write_text(MEMHOG_C)
-    p = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "memhog"), str(d / "memhog.c")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"gcc failed (./scripts/setup installs gcc and libc6-dev): {p.stderr}"
-    files = {**busybox_layer(), "bin/memhog": d / "memhog"}
+    files = {**busybox_layer(), "bin/memhog": static_program(d, "memhog", MEMHOG_C)}
     build_image(d / "memhog.tar", files, fmt="oci-archive", name="memhog:latest", config={"Cmd": ["/bin/memhog"]})
     return d / "memhog.tar"
 

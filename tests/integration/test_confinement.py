@@ -5,10 +5,10 @@ container, as its own init, and reports one line per attempt."""
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
+from clihost import static_program
 from test_checkpoint import checkpoint, restore
 
 from runtime import confine
@@ -72,11 +72,7 @@ while true; do sleep 1; done
 def probe_archive(tmp_path_factory) -> Path:
     """busybox, a setuid-root /bin/euid with its dropping twin /bin/runas, and a char device node."""
     d = tmp_path_factory.mktemp("probe")
-    (d / "euid.c").write_text(EUID_C)
-    p = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "euid"), str(d / "euid.c")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"gcc failed (./scripts/setup installs gcc and libc6-dev): {p.stderr}"
-    program = (d / "euid").read_bytes()
+    program = static_program(d, "euid", EUID_C).read_bytes()
     files = {**busybox_layer(), "bin/runas": FileSpec(data=program, mode=0o755),
              "bin/euid": FileSpec(data=program, mode=0o4755),
              "imgnull": FileSpec("chardev", mode=0o666, major=1, minor=3)}

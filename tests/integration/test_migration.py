@@ -389,14 +389,19 @@ def _record_512(mode: str, stats: dict) -> None:
     record_timing(f"512MiB migration {mode}", downtime_s=stats["downtime_s"], total_s=stats["total_s"])
 
 
+def _run_memhog(host, image) -> tuple[str, int]:
+    """Container `big` on HOST holding 512 MiB of known data: (the checksum it printed, its pid)."""
+    host.ok("image", "import", image)
+    host.ok("run", "--name", "big", "memhog")
+    original = checksums(host.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled"))[0]
+    return original, host.container("big")["pid"]
+
+
 @pytest.mark.parametrize("mode", ["copy", "lazy"])
 def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
     c = cluster(2)
     a, b = c["host-a"], c["host-b"]
-    a.ok("image", "import", memhog_image)
-    a.ok("run", "--name", "big", "memhog")
-    text = a.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled")
-    original = checksums(text)[0]
+    original, _ = _run_memhog(a, memhog_image)
     stats = c.move_json("host-a", "big", "host-b", mode=mode)
     _record_512(mode, stats)
     assert 0 < stats["downtime_s"] < stats["total_s"]
@@ -416,10 +421,7 @@ def test_a_lazy_transfer_that_goes_silent_is_ended_and_the_source_resumes(cluste
     copy, which must not run without its pages, and the source resumes with all its memory."""
     c = cluster(2)
     a, b = c["host-a"], c["host-b"]
-    a.ok("image", "import", memhog_image)
-    a.ok("run", "--name", "big", "memhog")
-    original = checksums(a.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled"))[0]
-    pid = a.container("big")["pid"]
+    original, pid = _run_memhog(a, memhog_image)
     set_host_env(c.hosts, "host-b", {"MIGRATE_FAULTS": "pages-stall"})
     r = a.fails(8, "big", "host-b", "--mode", "lazy")
     assert "failed at memory pages" in r.err and "stalled" in r.err and "keeps running here" in r.err, str(r)
@@ -458,10 +460,7 @@ def test_the_page_connection_opens_no_port_and_its_end_cannot_end_the_source(clu
     controller knows the target's copy is gone; then it runs on with all its memory."""
     c = cluster(2)
     a, b = c["host-a"], c["host-b"]
-    a.ok("image", "import", memhog_image)
-    a.ok("run", "--name", "big", "memhog")
-    original = checksums(a.wait_log("big", lambda t: len(checksums(t)) == 1, 60, "the 512 MiB to be filled"))[0]
-    pid = a.container("big")["pid"]
+    original, pid = _run_memhog(a, memhog_image)
     events = Path(a.record("big")["cgroups"]["unified"], "cgroup.events")
     before = {h: _listening_ports(h) for h in (a, b)}
     set_host_env(c.hosts, "host-b", {"MIGRATE_FAULTS": "pages:hang"})
