@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import procfs
+from . import criukdat, procfs
 from .errors import CriuError
 
 MAX_MESSAGE = 1 << 20
@@ -173,6 +173,7 @@ class _Session:
     sock: socket.socket = field(init=False)
 
     def __post_init__(self):
+        criukdat.ensure(self.binary)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
@@ -283,6 +284,7 @@ class _Daemon:
     what = "criu"
 
     def __init__(self, argv: list[str], page_socket: int, log: Path, timeout: float = 30.0):
+        criukdat.ensure(argv[0])
         status_r, status_w = os.pipe()
         self.log = log
         self.proc = subprocess.Popen(
