@@ -183,7 +183,7 @@ class Migration:
             in_doubt = True  # the processes stay frozen here, and outgoing keeps a complete dump of them
             rec = self.rt.catalog.transition(self.name, "migrate-in-doubt", owner=None)
             try:
-                dump_held(rec, outgoing)
+                dump_held(rec, self.rt.root.container_dir(self.name), outgoing)
                 secure_dump(outgoing)
             except MigrateError as why:
                 raise InDoubt(f"{e} (and no copy of its memory could be kept here in case this host restarts "
@@ -299,7 +299,7 @@ class Migration:
                     self._end_target_copy(agent, rec)  # before CRIU resumes the source
                     raise
 
-            dump(rec, outgoing, leave_running=False, on_frozen=on_frozen,
+            dump(rec, cdir, outgoing, leave_running=False, on_frozen=on_frozen,
                  page_socket=pages.fileno() if pages is not None else None, parent_images=parent)
             if pages is not None:
                 with contextlib.suppress(OSError, CriuError):  # a figure: the move is done whether known or not
@@ -474,8 +474,8 @@ class Migration:
 
         def run_dump() -> None:
             try:
-                dump(rec, outgoing, leave_running=True, on_frozen=frozen, lazy=True,
-                     page_socket=pages.fileno(),
+                dump(rec, self.rt.root.container_dir(self.name), outgoing, leave_running=True, on_frozen=frozen,
+                     lazy=True, page_socket=pages.fileno(),
                      on_notify=lambda script: ready.set() if script == "status-ready" else None,
                      on_criu=lambda pid: outcome.__setitem__("criu", pid))
             except BaseException as e:  # noqa: BLE001 - handed to the controller's thread

@@ -12,6 +12,7 @@ DEFAULT_ROOT = Path("/var/lib/migrate")
 PARTIAL_PREFIX = ".partial-"  # snapshots/.partial-ID: a checkpoint still writing (or one that died)
 SNAPSHOT_META = "snapshot.json"  # in a published snapshot: its catalog row, so it can be adopted
 CHECKPOINT_META = "checkpoint.json"  # in every dump: how it was made (lazy or not), the stdio it had
+STDIO_PIPES = "stdio.json"  # in a container's folder: its stdout and stderr pipes, as its shim made them
 DUMP_SYNCED = "synced"  # in an in-doubt migration's complete dump: its files are on disk
 
 

@@ -30,7 +30,7 @@ from .cgroups import Cgroups
 from .criu import Criu, RestoreOptions, _rpc
 from .errors import CriuError, MigrateError
 from .layers import LayerStore
-from .paths import CHECKPOINT_META, StateRoot
+from .paths import CHECKPOINT_META, STDIO_PIPES, StateRoot
 from .schedule import Scheduler
 from .spec import ContainerSpec, Limits
 from .store import Catalog
@@ -69,6 +69,11 @@ class Shim:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.readers = [out_r, err_r]
+        # a dump finds them by these names wherever the container holds them (see stdio_pipes)
+        names = {"stdout": f"pipe:[{os.fstat(out_r).st_ino}]", "stderr": f"pipe:[{os.fstat(err_r).st_ino}]"}
+        tmp = self.dir / f".{STDIO_PIPES}.tmp"
+        tmp.write_text(json.dumps(names))
+        tmp.replace(self.dir / STDIO_PIPES)
         return out_w, err_w
 
     def start(self) -> int:

@@ -21,7 +21,7 @@ from .cgroups import Cgroups
 from .container import LaunchedShim, Runtime
 from .criu import Criu, DumpOptions
 from .errors import Conflict, CriuError, MigrateError, NotFound
-from .paths import CHECKPOINT_META, DUMP_SYNCED, SNAPSHOT_META
+from .paths import CHECKPOINT_META, DUMP_SYNCED, SNAPSHOT_META, STDIO_PIPES
 from .reconcile import OWNER_FILE, adopt_snapshot, unsupervised, write_owner
 from .spec import ContainerSpec, validate_name
 from .store import ContainerRecord, SnapshotRecord, own_identity
@@ -38,8 +38,17 @@ def copy_tree(src: Path, dst: Path) -> None:
         raise MigrateError(f"copying {src} failed: {proc.stderr.strip().splitlines()[-1:]}")
 
 
-def stdio_pipes(pid: int) -> dict[str, str]:
-    """The pipe identities ('pipe:[inode]') of init's stdout and stderr, as CRIU names them."""
+def stdio_pipes(cdir: Path, pid: int) -> dict[str, str]:
+    """The pipe identities ('pipe:[inode]') of the container's stdout and stderr, as CRIU names
+    them: as its shim recorded them when it made them, since a process may hold them on any fd
+    (a shell running `{ ...; } > file` has its stdout on another fd meanwhile, and a restore
+    that does not know that pipe gives it back without a reader); else init's fds 1 and 2."""
+    try:
+        recorded = json.loads((cdir / STDIO_PIPES).read_text())
+        if isinstance(recorded, dict) and all(isinstance(v, str) and v.startswith("pipe:[") for v in recorded.values()):
+            return {k: v for k, v in recorded.items() if k in ("stdout", "stderr")}
+    except (OSError, ValueError):
+        pass
     pipes = {}
     for fd, name in ((1, "stdout"), (2, "stderr")):
         try:
@@ -106,11 +115,12 @@ def dump_blocker(rec: ContainerRecord) -> str | None:
     return None
 
 
-def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
+def dump(rec: ContainerRecord, cdir: Path, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
          on_notify: Callable[[str], None] | None = None, lazy: bool = False,
          on_criu: Callable[[int], None] | None = None, page_socket: int | None = None,
          parent_images: str | None = None, freeze_cgroup: str | None = None) -> None:
-    """Checkpoint a running container into the new folder sdir (images, spec, stdio identities).
+    """Checkpoint a running container (its folder cdir) into the new folder sdir (images, spec,
+    stdio identities).
 
     on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
     CRIU resumes the tree and the dump fails. Any other notification goes to on_notify.
@@ -125,7 +135,7 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
     (sdir / "images").mkdir(mode=0o700)
     (sdir / SPEC_FILE).write_text(rec.spec.to_json())
     memory_here = page_socket is None  # else the images lack it
-    (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(rec.pid), "memory_here": memory_here}))
+    (sdir / CHECKPOINT_META).write_text(json.dumps({"pipes": stdio_pipes(cdir, rec.pid), "memory_here": memory_here}))
 
     def notified(script: str, _pid: int) -> None:
         if script == "post-dump":
@@ -146,14 +156,14 @@ def dump(rec: ContainerRecord, sdir: Path, leave_running: bool, on_frozen: Calla
     Criu().dump(opts, sdir / "images", notified, on_criu)
 
 
-def dump_held(rec: ContainerRecord, sdir: Path) -> None:
+def dump_held(rec: ContainerRecord, cdir: Path, sdir: Path) -> None:
     """A complete dump, memory included, of a tree held frozen (an in-doubt migration's source),
     into sdir anew; the tree stays frozen. The dump made for the move streamed the memory to the
     target, and this one is the tree's only copy should this host restart before the doubt is
     settled. Where the cgroup freezer holds it, CRIU is told so: it takes the tree through that
     freezer and leaves it frozen (stopped trees, where there is no cgroup2, it dumps as stopped)."""
     shutil.rmtree(sdir, ignore_errors=True)
-    dump(rec, sdir, leave_running=True, on_frozen=lambda: None, freeze_cgroup=Cgroups(rec.cgroups).paths.get("unified"))
+    dump(rec, cdir, sdir, leave_running=True, on_frozen=lambda: None, freeze_cgroup=Cgroups(rec.cgroups).paths.get("unified"))
 
 
 def pre_dump(rec: ContainerRecord, folder: Path, page_socket: int, parent: str | None) -> int:
@@ -230,7 +240,7 @@ class Snapshots:
         self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
         partial.mkdir(mode=0o700)
         write_owner(partial / OWNER_FILE)
-        dump(rec, partial, leave_running, lambda: self._publish(rec.name, partial, final, meta))
+        dump(rec, self.root.container_dir(rec.name), partial, leave_running, lambda: self._publish(rec.name, partial, final, meta))
 
     def _publish(self, name: str, folder: Path, final: Path, meta: dict) -> None:
         """A dump in `folder` becomes the snapshot `final`: the container's upper dir and log are

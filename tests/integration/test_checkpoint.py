@@ -80,6 +80,20 @@ def test_checkpoint_and_restore_continues_the_counter(bb):
     assert after[len(before)] == before[-1] + 1
 
 
+def test_stdout_held_on_another_fd_at_the_checkpoint_comes_back_with_a_reader(bb):
+    """A shell inside `{ ...; } > file` keeps its stdout pipe on another fd meanwhile: the restore
+    must still give that pipe back joined to the log (not a pipe without reader: EPIPE)."""
+    bb.ok("run", "--name", "c1", IMAGE, "sh", "-c",
+          'i=0; while true; do i=$((i+1)); { echo $i; usleep 200000; } > /last; echo $i; done')
+    bb.wait_count("c1", 3)
+    checkpoint(bb, "c1")
+    before = counter_numbers(assert_log_frozen(bb, "c1"))
+    restore(bb, "c1")
+    after = bb.wait_count("c1", before[-1] + 3)
+    assert_consecutive(after)
+    assert "Broken pipe" not in bb.logs("c1")
+
+
 def test_leave_running_and_restore_a_copy_under_a_new_name(bb):
     bb.ok("run", "--name", "c1", IMAGE, "sh", "-c", COUNTER)
     pid = bb.container("c1")["pid"]
