@@ -33,12 +33,13 @@ from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
 
+from . import treesync
 from .protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, PROTOCOL, Heartbeat
 
 COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
 # requests that are steps of the migration: journaled before and after
 _STEPS = {"adopt_layers": "layers", "preload": "preload", "page_server": "pre-copy", "page_link": "page connection",
-          "restore": "restore",
+          "receive": "final sync", "restore": "restore",
           "wait_pages": "memory pages", "commit": "commit"}
 _ROUND_FOLDER = re.compile(r"pre-[1-9][0-9]{0,2}|images")  # pre-copy's rounds, then the final dump's
 _MIGRATION_ID = re.compile(r"[0-9a-f]{8,64}")
@@ -59,6 +60,7 @@ class _Pending:
     pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
     page_server: PageServer | None = None  # pre-copy: receiving a round's pages
     rounds: list[str] = field(default_factory=list)  # pre-copy: the folders of the rounds received
+    received: bool = False  # the final sync is done: the checkpoint is complete here
     shim: LaunchedShim | None = None  # started before the freeze, told to go at restore
     deadline: threading.Timer | None = None  # aborts the restored copy if no commit comes in time
 
@@ -193,10 +195,26 @@ class Agent:
         server.wait(float(msg.get("timeout_s", 60)))
         return {}
 
+    def op_receive(self, msg: dict) -> dict:
+        """The frozen final sync is here: what did not come by rsync comes in this message (CRIU's
+        images, the upper dir's last changes, the log: migrate/treesync.py packets)."""
+        p = self._pending(msg)
+        if p.received:
+            raise Conflict(f"the checkpoint of {p.name} was received already")
+        for key, folder in (("checkpoint", p.incoming), ("upper", p.incoming / "upper"), ("log", p.incoming)):
+            packet = msg.get(key)
+            if packet is not None:
+                treesync.unpack(folder, packet)
+        p.received = True
+        return {}
+
     def op_restore(self, msg: dict) -> dict:
         """Restore from the incoming folder; when lazy, memory comes from the source's CRIU
-        through the page connection."""
+        through the page connection. (The lazy-pages daemon starts here, not earlier: killed
+        with this agent before the restore, it would wait for a restore forever.)"""
         p = self._pending(msg)
+        if not p.received:
+            raise Conflict(f"the checkpoint of {p.name} has not been received")
         if msg.get("lazy"):
             if p.page_link is None:
                 raise Conflict(f"the migration of {p.name} has no page connection")

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from runtime.facts import LAZY_PIPE_SIZE, PIPE_MAX_SIZE, cpuinfo_dump, host_fact
 from runtime.reconcile import secure_dump
 from runtime.snapshots import dump, dump_blocker, dump_held, pre_dump, tree_size
 
-from . import pagelink, precopy, preflight, steps
+from . import pagelink, precopy, preflight, steps, treesync
 from .hosts import resolve_host
 from .protocol import PROTOCOL
 from .ssh import RemoteProcess, SSHSession
@@ -41,6 +42,8 @@ FREEZE_TIMEOUT = 120.0  # default bound on the source's frozen window (copy mode
 COMMIT_WINDOW = 30.0  # after the restore (copy) or the last page (lazy), the commit must arrive within this
 COMMIT_ANSWER_TIMEOUT = 10.0  # the target answers a commit at once: a silence this long means it is lost
 RESOLVE_TIMEOUT = 30.0  # how long a lost answer is asked for again before the source is held in doubt
+# the frozen final sync goes over the agent's connection up to this many bytes; more goes by rsync
+INLINE_MAX = 2 << 20
 
 
 def resolve_on(spec, migration: str, timeout: float = 30.0) -> str:
@@ -70,12 +73,19 @@ class Agent:
         self.last_id = 0
 
     def call(self, op: str, timeout: float = AGENT_TIMEOUT, **args) -> dict:
-        """One request and its answer, matched by id: a late answer to an earlier request whose
-        wait timed out is skipped, never taken for this one's."""
+        """One request and its answer."""
+        return self.answer(self.ask(op, **args), timeout)
+
+    def ask(self, op: str, **args) -> int:
+        """Send a request; its answer is read by `answer` (before any other request is asked)."""
         self.last_id += 1
-        request = self.last_id
-        self.proc.send({"id": request, "op": op, **args})
+        self.proc.send({"id": self.last_id, "op": op, **args})
         faults.point(f"sent-{op}")  # asked, the answer not read: only the other host knows what happened
+        return self.last_id
+
+    def answer(self, request: int, timeout: float = AGENT_TIMEOUT) -> dict:
+        """The answer to REQUEST, matched by id: a late answer to an earlier request whose wait
+        timed out is skipped, never taken for this one's."""
         deadline = time.monotonic() + timeout
         while True:
             answer = self.proc.recv(timeout=max(0.01, deadline - time.monotonic()))
@@ -113,6 +123,7 @@ class Migration:
         self.frozen_until = 0.0  # monotonic: past it, the migration rolls back
         self.restore_asked = False  # from then on the target may run a (fenced) copy
         self.copy_deadline: float | None = None  # past it, an uncommitted copy on the target has ended itself
+        self.upper_copied: treesync.Walk | None = None  # the upper dir as it was when its running copy began
         self.stats = MigrationStats(name, socket.gethostname(), self.spec.alias)
 
     @contextlib.contextmanager
@@ -167,6 +178,7 @@ class Migration:
             # this host's facts are gathered while the other host gathers its own
             local = pool.submit(host_facts, self.rt.root, [], [])
             cpu = pool.submit(cpuinfo_dump, Criu())
+            pool.submit(Criu().can_skip_network_lock)  # CRIU's version, asked now rather than inside the freeze
             hello = agent.call("hello", protocol=PROTOCOL)
             if hello.get("protocol") != PROTOCOL:
                 raise MigrationFailed(f"cannot migrate to {self.spec.alias}: its migrate speaks protocol "
@@ -249,8 +261,9 @@ class Migration:
                 self.stats.bytes["layers"] += rsync.send(blobs, prep["staging"] + "/", "layers", total)
                 agent.call("adopt_layers", name=self.name, digests=missing)
         with self._step("upper sync"), self.stats.phase("upper sync (running)"):
+            self.upper_copied = treesync.walk(cdir / "upper")  # the target has at least this after the copy
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
-                                                    tree_size(cdir / "upper"), delete=True)
+                                                    tree_size(cdir / "upper"), delete=True, running=True)
         with self._step("preload"):
             agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy",
                        tcp_close=self.tcp_close, started=rec.started)
@@ -278,13 +291,14 @@ class Migration:
         self.freeze_started = time.monotonic()
         self.frozen_until = self.freeze_started + self.freeze_timeout
         if self.stats.mode == "lazy":
-            self._freeze_lazy(agent, rsync, rec, outgoing, pages, lambda: self._ship(rsync, cdir, outgoing, incoming))
+            self._freeze_lazy(agent, rsync, rec, outgoing, pages,
+                              lambda: self._ship(agent, rsync, rec, cdir, outgoing, incoming))
         else:
             def on_frozen() -> None:
                 try:
                     if pages is not None:  # CRIU flushed the pages before this hook: the page server ends
                         agent.call("page_server_done", name=self.name, timeout=self._left(), timeout_s=self._left())
-                    self._ship(rsync, cdir, outgoing, incoming)
+                    self._ship(agent, rsync, rec, cdir, outgoing, incoming)()
                     with self._step("restore"), self.stats.phase("restore"):
                         # past this instant plus the window, an uncommitted copy there is gone
                         self.restore_asked = True
@@ -342,24 +356,66 @@ class Migration:
                                "without the move completing")
         return left
 
-    def _ship(self, rsync: Rsync, cdir: Path, outgoing: Path, incoming: str) -> None:
-        """While frozen: CRIU's images, the last changes of the upper dir and the log, to the target."""
+    def _ship(self, agent: Agent, rsync: Rsync, rec, cdir: Path, outgoing: Path,
+              incoming: str) -> Callable[[], None]:
+        """While frozen: CRIU's images, what changed in the upper dir since its running copy began,
+        and the log, to the target. Small (the rule: CRIU's images without memory are a few hundred
+        KB), they go in one message on the agent's connection: no SSH channel to open, no rsync
+        processes to start, no file list of the whole upper dir on both hosts. Beyond INLINE_MAX,
+        one rsync run. Returns what waits for the target's receipt: lazy mode waits for it only
+        before the restore, so that the target unpacks while CRIU starts serving pages."""
         self.stats.phases["checkpoint"] = time.monotonic() - self.freeze_started
         self.journal.note(self.id, journal.SOURCE, "checkpoint", "done")
-        with self._step("final sync"), self.stats.phase("final sync (frozen)"):
-            images = outgoing / "images"
-            image_bytes = tree_size(images)
-            sources = [images, outgoing / "spec.json", outgoing / "checkpoint.json", cdir / "upper"]
-            if (cdir / "container.log").exists():
-                sources.append(cdir / "container.log")
-            # one rsync run: every run costs a round of SSH channel set-up inside the freeze
-            # the target's page server wrote the memory there (but in lazy mode): --delete must leave it
-            keep = ("/images/pages-*.img", "/images/pagemap-*.img", "/images/page-server.log") \
-                if self.stream else ()
-            sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left(),
-                              keep=keep)
-            self.stats.bytes["images"] += min(sent, image_bytes)
-            self.stats.bytes["upper"] += max(0, sent - image_bytes)
+        self._begin("final sync")
+        started = time.monotonic()
+        try:
+            request = self._send_checkpoint(agent, rsync, rec, cdir, outgoing, incoming)
+        except BaseException as e:
+            self.journal.note(self.id, journal.SOURCE, "final sync", "failed", str(e) or type(e).__name__)
+            raise
+
+        def received() -> None:
+            try:
+                agent.answer(request, timeout=self._left())
+            except BaseException as e:
+                self.journal.note(self.id, journal.SOURCE, "final sync", "failed", str(e) or type(e).__name__)
+                raise
+            self.journal.note(self.id, journal.SOURCE, "final sync", "done")
+            self.stats.phases["final sync (frozen)"] = time.monotonic() - started
+
+        return received
+
+    def _send_checkpoint(self, agent: Agent, rsync: Rsync, rec, cdir: Path, outgoing: Path, incoming: str) -> int:
+        """The final sync's files sent (inline or by rsync), and the target asked to `receive`
+        them: the request's id. Files the frozen processes map shared and writable go whatever
+        their metadata says: writes through such a mapping need not touch it."""
+        upper, log = cdir / "upper", cdir / "container.log"
+        rootfs = f"{cdir / 'rootfs'}/"  # how /proc shows the container's files to us (or as it sees them)
+        mapped = {path.removeprefix(rootfs).lstrip("/")
+                  for path in procfs.mapped_for_writing(Cgroups(rec.cgroups).pids())}
+        changed = treesync.changes(self.upper_copied, upper, always=mapped)
+        images = treesync.walk(outgoing / "images").entries
+        checkpoint = ["spec.json", "checkpoint.json", "images", *(f"images/{path}" for path in images)]
+        image_bytes = sum(e.size for e in images.values()) + sum((outgoing / f).stat().st_size for f in checkpoint[:2])
+        log_bytes = log.stat().st_size if log.exists() else 0
+        if image_bytes + changed.data_bytes + log_bytes <= INLINE_MAX:
+            self.stats.bytes["images"] += image_bytes
+            self.stats.bytes["upper"] += changed.data_bytes + log_bytes
+            return agent.ask("receive", name=self.name, checkpoint=treesync.pack(outgoing, checkpoint),
+                             upper=treesync.pack(upper, changed.changed, changed.removed),
+                             log=treesync.pack(cdir, [log.name] if log.exists() else []))
+        self.stats.notes.append(f"final sync by rsync: {(image_bytes + changed.data_bytes + log_bytes) / 2**20:.1f} "
+                                f"MiB to send while frozen (more than {INLINE_MAX >> 20} MiB)")
+        sources = [*(outgoing / path for path in checkpoint[:3]), upper]
+        if log.exists():
+            sources.append(log)
+        # the target's page server wrote the memory there (but in lazy mode): --delete must leave it
+        keep = ("/images/pages-*.img", "/images/pagemap-*.img", "/images/page-server.log") if self.stream else ()
+        sent = rsync.send(sources, incoming + "/", "checkpoint", image_bytes, delete=True, timeout=self._left(),
+                          keep=keep)
+        self.stats.bytes["images"] += min(sent, image_bytes)
+        self.stats.bytes["upper"] += max(0, sent - image_bytes)
+        return agent.ask("receive", name=self.name)
 
     def _wait_pages(self, agent: Agent, master: int | None, start: int | None) -> None:
         """The target fetches memory while it runs; show how far it got while we wait: what the
@@ -454,7 +510,8 @@ class Migration:
         if self.copy_deadline is not None:  # lazy mode before the last page: the reset that follows ends it
             time.sleep(max(0.0, self.copy_deadline - time.monotonic()) + 1.0)
 
-    def _freeze_lazy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path, pages: socket.socket, ship) -> None:
+    def _freeze_lazy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path, pages: socket.socket,
+                     ship: Callable[[], Callable[[], None]]) -> None:
         """Post-copy: CRIU dumps all but memory (shipped by `ship` in post-dump, frozen), then serves
         it on the page connection to the target's lazy-pages daemon, and returns once that has
         every page (or the connection ends); so the dump runs in a thread.
@@ -469,7 +526,7 @@ class Migration:
         ready = threading.Event()
 
         def frozen() -> None:
-            ship()
+            outcome["received"] = ship()
             cgroups.freeze(wait=False)  # CRIU holds the tree: it freezes as CRIU lets it go
 
         def run_dump() -> None:
@@ -490,6 +547,7 @@ class Migration:
             if "error" in outcome:
                 raise outcome["error"]
             faults.point("page-server-ready")  # CRIU serves pages, the target has not asked for any
+            outcome["received"]()
             master = rsync.session.master_pid
             start = procfs.bytes_read(master)
             with self._step("restore"), self.stats.phase("restore"):

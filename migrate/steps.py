@@ -38,7 +38,8 @@ STEPS = (
     Step("checkpoint", "CRIU dumps the container, its memory straight to the target (but in lazy mode); from "
          "here the source is frozen",
          True, "source", "CRIU resumes the source; if the controller died, the next command here does"),
-    Step("final sync", "CRIU's other images and the last changes of the files, in one rsync run",
+    Step("final sync", "CRIU's other images, the files changed since the upper sync began and the log, in one "
+         "message to the agent (one rsync run when they pass 2 MiB)",
          True, "source", "as checkpoint"),
     Step("restore", "the target restores; its copy runs fenced (killed if its agent goes, or if no "
          "commit arrives within the freeze deadline)",

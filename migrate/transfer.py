@@ -31,6 +31,7 @@ RSYNC_FLAGS = ("-aHAX", "--numeric-ids", "--modify-window=-1", "--stats", "--inf
                "--no-inc-recursive")
 _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%")
 _SENT = re.compile(r"Total bytes sent:\s*([\d,]+)")
+RSYNC_VANISHED = 24  # "some files vanished before they could be transferred"
 PROGRESS_AFTER = 1.0
 
 
@@ -93,9 +94,11 @@ class Rsync:
         return [*argv, "--", *map(str, sources), rsync_target(self.spec, dest)]
 
     def send(self, sources: list[Path], dest: str, label: str, total: int, delete: bool = False,
-             timeout: float | None = None, keep: tuple[str, ...] = ()) -> int:
+             timeout: float | None = None, keep: tuple[str, ...] = (), running: bool = False) -> int:
         """Copy sources into dest on the host; returns the bytes rsync sent. A bar after a second.
-        With timeout, rsync is killed once that many seconds have passed, whatever it does."""
+        With timeout, rsync is killed once that many seconds have passed, whatever it does.
+        running: the sources are a running container's files, and a file it removed meanwhile
+        is no failure (the frozen final sync brings the tree as it is)."""
         argv = self.argv(sources, dest, delete, timeout, keep)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         watchdog = threading.Timer(timeout, proc.kill) if timeout is not None else None
@@ -120,6 +123,8 @@ class Rsync:
                 proc.wait()
         if code < 0 and timeout is not None:
             raise RemoteError(f"rsync of {label} to {self.spec.alias} did not finish within {timeout:.0f} s")
+        if code == RSYNC_VANISHED and running:
+            code = 0
         if code != 0:
             last = [ln for ln in stderr.splitlines() if ln.strip()][-1:] or [f"exit status {code}"]
             raise RemoteError(f"rsync of {label} to {self.spec.alias} failed: {last[0]}")

@@ -7,6 +7,7 @@ pure (dataclass -> criu_req), so it is unit-tested without CRIU.
 """
 
 import contextlib
+import functools
 import os
 import re
 import select
@@ -44,6 +45,20 @@ def version_tuple(version: str | None) -> tuple[int, ...]:
     return tuple(parts)
 
 
+NETWORK_LOCK_SKIP_SINCE = (3, 19)  # CRIU's RPC has network_lock SKIP from 3.19 on
+
+
+@functools.cache
+def binary_version(binary: str) -> tuple[int, ...]:
+    """The version of the criu at BINARY (asked once per process)."""
+    return version_tuple(Criu(binary).version())
+
+
+def tcp_images(images_dir: Path) -> list[str]:
+    """The TCP connections a dump holds (CRIU writes one tcp-stream image for each)."""
+    return sorted(p.name for p in images_dir.glob("tcp-stream-*.img"))
+
+
 def find_binary() -> str:
     """Absolute path of the criu to use: $MIGRATE_CRIU, else `criu` on PATH or in the sbin folders."""
     explicit = os.environ.get("MIGRATE_CRIU")
@@ -70,6 +85,9 @@ class DumpOptions:
     pre_dump: bool = False
     parent_images: str | None = None
     log_level: int = 4
+    # False: no nftables table (the container has no TCP connection to hold still while it is
+    # dumped); creating and deleting one costs CRIU ~20 ms, and a lazy dump deletes it inside the pause
+    network_lock: bool = True
     # inotify watches on overlay files: their file handles do not open, so CRIU finds the
     # watched paths by inode number in these folders of the container (only when needed;
     # "/" itself does not work: CRIU stats the path without its leading slash)
@@ -89,6 +107,7 @@ class RestoreOptions:
     tcp_close: bool = False  # connections restore closed: their peers are not where we are
     lazy_pages: bool = False
     log_level: int = 4
+    network_lock: bool = True  # False: the images hold no TCP connection to unlock (~10 ms of nftables)
 
 
 def _request(kind: str, opts: DumpOptions | RestoreOptions, images_fd: int):
@@ -102,7 +121,7 @@ def _request(kind: str, opts: DumpOptions | RestoreOptions, images_fd: int):
     o.file_locks = opts.file_locks
     o.tcp_established = opts.tcp_established
     # the container shares its host's network: no netns to lock, and iptables may be absent
-    o.network_lock = rpc.NFTABLES
+    o.network_lock = rpc.SKIP if not opts.network_lock and hasattr(rpc, "SKIP") else rpc.NFTABLES
     o.notify_scripts = True
     o.manage_cgroups_mode = rpc.IGNORE  # cgroups are ours: recreated with their limits before restore
     o.external.extend(opts.external)
@@ -477,6 +496,9 @@ class Criu:
             detail = "; ".join(log_errors(log)) or resp.cr_errmsg or f"errno {resp.cr_errno}"
             raise CriuError(f"CRIU {what} failed: {detail}", log=log, op=what)
         return resp
+
+    def can_skip_network_lock(self) -> bool:
+        return binary_version(self.binary) >= NETWORK_LOCK_SKIP_SINCE
 
     def lazy_pages(self, images_dir: Path, page_socket: int) -> LazyPagesDaemon:
         return LazyPagesDaemon(self.binary, images_dir, page_socket)

@@ -157,6 +157,18 @@ def root_mount_id(mountinfo_text: str) -> int | None:
     return found
 
 
+def shared_writable_mappings(maps_text: str) -> set[str]:
+    """The files a /proc/PID/maps text maps shared and writable (as paths there): writes through
+    such a mapping change the file without a write(), and need not show in its ctime each time."""
+    found = set()
+    for line in maps_text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[1][1:2] == "w" and fields[1][3:4] == "s" and fields[5].startswith("/"):
+            if not fields[5].endswith(" (deleted)"):
+                found.add(fields[5])
+    return found
+
+
 def fdinfo_fields(text: str) -> tuple[int, int]:
     """(flags, mnt_id) of /proc/PID/fdinfo/FD."""
     flags = mnt_id = -1
@@ -214,6 +226,15 @@ def connections_to_outside(pids: Iterable[int]) -> list[Connection]:
     return outside_connections(_tables(str(pids[0]))["tcp"], _sockets_of(pids))
 
 
+def tcp_connections(pids: Iterable[int]) -> list[TcpSocket]:
+    """The container's TCP sockets other than listening ones: what CRIU's network lock holds still."""
+    pids = sorted(pids)
+    if not pids:
+        return []
+    ours = _sockets_of(pids)
+    return [s for s in _tables(str(pids[0]))["tcp"] if s.inode in ours and s.state != TCP_LISTEN]
+
+
 def ports_of(pids: Iterable[int]) -> list[Port]:
     pids = sorted(pids)
     return bound_ports(_tables(str(pids[0])), _sockets_of(pids)) if pids else []
@@ -258,6 +279,14 @@ def open_databases(pids: Iterable[int]) -> list[str]:
             except OSError:
                 pass
     return sorted(found)
+
+
+def mapped_for_writing(pids: Iterable[int]) -> set[str]:
+    """Files the processes map shared and writable (paths as /proc shows them to this process)."""
+    found: set[str] = set()
+    for pid in pids:
+        found |= shared_writable_mappings(_read(f"/proc/{pid}/maps"))
+    return found
 
 
 def bytes_read(pid: int | None) -> int | None:

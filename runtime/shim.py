@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import confine, criulogs, faults, journal, linux, rootfs, states
 from .cgroups import Cgroups
-from .criu import Criu, RestoreOptions, _rpc
+from .criu import Criu, RestoreOptions, _rpc, tcp_images
 from .errors import CriuError, MigrateError
 from .layers import LayerStore
 from .paths import CHECKPOINT_META, STDIO_PIPES, StateRoot
@@ -133,19 +133,22 @@ class Shim:
         for key, fd in ((meta["pipes"].get("stdout"), out_w), (meta["pipes"].get("stderr"), err_w)):
             if key and key not in (k for k, _ in inherit):
                 inherit.append((key, fd))
+        criu = Criu()
         opts = RestoreOptions(
             root=str(self.rootfs),
             external=tuple(f"mnt[{v.criu_key}]:{v.host_path}" for v in self.spec.volumes),
             inherit_fds=tuple(inherit),
             lazy_pages=lazy,
             tcp_close=tcp_close,
+            # no TCP connection in the images: nothing for CRIU's nftables lock to release (~10 ms)
+            network_lock=bool(tcp_images(snapshot / "images")) or not criu.can_skip_network_lock(),
         )
         # CRIU restores from inside the container's cgroups, so that what it restores is born
         # there; the limits follow once it has exited: its own memory (about 50 MB to restore
         # a shell) and CPU time are not the container's, and would OOM-kill it or throttle it
         self.cgroups.set_limits(Limits())
         try:
-            pid = Criu().restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
+            pid = criu.restore(opts, snapshot / "images", on_spawn=self.cgroups.add)
         finally:
             os.close(out_w)
             os.close(err_w)
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     linux.set_child_subreaper()
     with contextlib.suppress(MigrateError):  # without pycriu, a restore reports it after the go
         _rpc()  # import pycriu before the go: it is part of the start-up we keep out of the downtime
+        Criu().can_skip_network_lock()  # and ask CRIU its version
     if not os.read(sys.stdin.fileno(), 1):  # unbuffered: a fenced shim reads its commit byte later
         if args.migration:
             _drop_preloaded(args.name, args.migration)

@@ -14,7 +14,7 @@ from migrate.steps import STEPS
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
-TARGET_STEPS = ("prepare", "layers", "preload", "page connection", "restore", "memory pages", "commit")
+TARGET_STEPS = ("prepare", "layers", "preload", "page connection", "final sync", "restore", "memory pages", "commit")
 ONLY_IN = {"memory pages": "lazy"}
 
 

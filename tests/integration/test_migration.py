@@ -9,6 +9,7 @@ left in their cgroups is killed by PID before the hosts are torn down; what had 
 by force is a leak of the tool and fails the test.
 """
 
+import hashlib
 import os
 import signal
 import sqlite3
@@ -27,6 +28,7 @@ from clihost import (
     counter_numbers,
     proc_identity,
     record_timing,
+    static_program,
     wait_until,
 )
 from cluster import (
@@ -43,7 +45,7 @@ from test_containers import assert_all_gone
 from runtime import journal, linux
 from runtime.cgroups import Cgroups
 from runtime.criu import find_binary
-from runtime.imagebuild import build_image
+from runtime.imagebuild import build_image, busybox_layer
 from runtime.layers import LayerStore
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -654,6 +656,70 @@ def test_a_file_rewritten_in_place_many_times_a_second_arrives_as_last_written(t
         assert "CHECK" not in node.logs("c1"), node.logs("c1")[-500:]
     assert_consecutive(counter_numbers(b.logs("c1")))
     assert "c1" not in a.ps()
+
+
+# a 3 MB file written anew without pause: in every freeze it has changed since the upper sync
+BIG_REWRITER = ('i=0; while true; do i=$((i+1)); { head -c 3000000 /dev/zero; echo; echo $i; } > /big.new; '
+                'mv /big.new /big; echo $i; done')
+
+
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_files_changed_past_the_inline_limit_go_by_rsync_and_arrive_as_last_written(two, mode):
+    """The frozen final sync sends the upper dir's changes in one agent message when small; 3 MB
+    changed goes by rsync instead (its note says so), and arrives whole."""
+    a, b = two["host-a"], two["host-b"]
+    a.ok("run", "--name", "c1", IMAGE, "sh", "-c", BIG_REWRITER)
+    a.wait_count("c1", 3)
+    stats = two.move_json("host-a", "c1", "host-b", mode=mode)
+    assert any(n.startswith("final sync by rsync: ") for n in stats["notes"]), stats
+    assert stats["bytes"]["upper"] > 3_000_000, stats
+    # the file the move found complete is whole on host-b, and the loop goes on writing it there
+    zeros = hashlib.md5(bytes(3_000_000)).hexdigest()
+    check = (f'n=$(tail -n 1 /big); [ $(wc -c < /big) = $((3000002 + ${{#n}})) ] && '
+             f'[ "$(head -c 3000000 /big | md5sum)" = "{zeros}  -" ] && echo "$n"')
+    first = int(b.ok("exec", "c1", "sh", "-c", check).out)
+    b.wait_count("c1", counter_numbers(b.logs("c1"))[-1] + 2)
+    assert int(b.ok("exec", "c1", "sh", "-c", check).out) > first
+
+
+MMAP_COUNTER_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+/* counts in a file it maps shared and writable: after the first write the kernel does not
+   touch the file's ctime again until writeback cleans the page (tens of seconds) */
+int main(void) {
+    int fd = open("/counter", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ftruncate(fd, 4096) < 0) return 1;
+    volatile unsigned long *shared = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (shared == MAP_FAILED) return 1;
+    unsigned long mine = 0;
+    for (;;) {
+        if (shared[0] != mine) { printf("CHECK file=%lu memory=%lu\n", shared[0], mine); fflush(stdout); return 3; }
+        shared[0] = ++mine;
+        if (mine % 100 == 0) { printf("%lu\n", mine / 100); fflush(stdout); }
+        usleep(1000);
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_a_file_written_through_a_shared_mapping_arrives_as_last_written(two, tmp_path, mode):
+    """Its ctime stays as it was since the upper dir was walked: the frozen sync sends it because
+    the frozen process maps it shared and writable."""
+    a, b = two["host-a"], two["host-b"]
+    program = static_program(tmp_path, "mmapcounter", MMAP_COUNTER_C)
+    build_image(tmp_path / "mmap.tar", {**busybox_layer(), "bin/mmapcounter": program}, fmt="oci-archive",
+                name="mmapcounter:latest", config={"Cmd": ["/bin/mmapcounter"]})
+    a.ok("image", "import", tmp_path / "mmap.tar")
+    a.ok("run", "--name", "c1", "mmapcounter")
+    a.wait_count("c1", 15)  # its first write (and the file's ctime) well over a second before the move
+    two.move_json("host-a", "c1", "host-b", mode=mode)
+    b.wait_count("c1", counter_numbers(b.logs("c1"))[-1] + 5)
+    assert "CHECK" not in b.logs("c1"), b.logs("c1")[-300:]
+    assert b.container("c1")["state"] == "running"
 
 
 def _source_step_done(node, step: str) -> bool:

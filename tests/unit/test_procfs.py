@@ -132,3 +132,19 @@ def test_a_port_list_from_the_other_host_is_checked():
     for bad in (["sctp", "127.0.0.1", 1], ["tcp", "not-an-ip", 1], ["tcp", "127.0.0.1", "80"], "x"):
         with pytest.raises((ValueError, TypeError)):
             procfs.Port.from_json(bad)
+
+
+MAPS = """\
+55d0c0a00000-55d0c0a21000 r-xp 00000000 00:2c 1311 /bin/busybox
+7f1c2a000000-7f1c2a001000 rw-s 00000000 00:2c 1400 /data/counter
+7f1c2a001000-7f1c2a002000 r--s 00000000 00:2c 1401 /data/read-only-shared
+7f1c2a002000-7f1c2a003000 rw-p 00000000 00:2c 1402 /data/private-copy
+7f1c2a003000-7f1c2a004000 rw-s 00000000 00:2c 1403 /data/gone (deleted)
+7f1c2a004000-7f1c2a005000 rw-s 00000000 00:01 1404 /dev/zero
+7f1c2a005000-7f1c2a006000 rw-s 00000000 00:2c 1405 /tmp/with space
+7f1c2a006000-7f1c2a007000 rw-p 00000000 00:00 0 [heap]
+"""
+
+
+def test_files_mapped_shared_and_writable_are_found_in_maps():
+    assert procfs.shared_writable_mappings(MAPS) == {"/data/counter", "/dev/zero", "/tmp/with space"}
