@@ -28,7 +28,7 @@ from runtime.cgroups import Cgroups
 from runtime.container import LaunchedShim, Runtime
 from runtime.criu import PAGES_STALL, Criu, LazyPagesDaemon, PageServer
 from runtime.errors import Conflict, CriuError, InvalidInput, MigrateError, NotFound, RemoteError
-from runtime.facts import cpuinfo_check, host_facts
+from runtime.facts import cpuinfo_check, host_facts, meminfo
 from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
@@ -160,6 +160,11 @@ class Agent:
         # fenced: until the commit, the restored copy lives only as long as this agent does
         p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")),
                                      tcp_close=bool(msg.get("tcp_close")), migration=p.migration)
+        # the memory the freeze will fill (restored pages, and the page files before them) touched
+        # now, while the source runs: at most half of what is free, so nothing is reclaimed for it
+        wanted = msg.get("memory")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
+            linux.prefault(min(wanted, (meminfo("MemFree") or 0) // 2))
         return {}
 
     def op_page_server(self, msg: dict) -> dict:

@@ -265,8 +265,10 @@ class Migration:
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
                                                     tree_size(cdir / "upper"), delete=True, running=True)
         with self._step("preload"):
+            # lazy mode fills the restored memory; the others write its pages to files first
+            memory = self.memory * (1 if self.stats.mode == "lazy" else 2)
             agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy",
-                       tcp_close=self.tcp_close, started=rec.started)
+                       memory=memory, tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         parent = self._precopy(agent, rsync, rec, outgoing, incoming) if self.stats.mode == "precopy" else None

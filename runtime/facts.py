@@ -27,7 +27,7 @@ def host_facts(root: StateRoot, containers: list[str], layers: list[str]) -> dic
         "layers": layers,
         "containers": containers,
         "free_bytes": _free_bytes(root.root),
-        "mem_available": _mem_available(),
+        "mem_available": meminfo("MemAvailable"),
         "pipe_max_size": int(PIPE_MAX_SIZE.read_text()),
         "cgroup_controllers": controllers(HostCgroups.of_this_host()),
     }
@@ -47,11 +47,12 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _mem_available() -> int | None:
-    """MemAvailable: what `migrate drain` places containers by (None where the kernel has none)."""
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo figure in bytes, such as MemAvailable (what `migrate drain` places
+    containers by); None where the kernel has none."""
     for line in MEMINFO.read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key == "MemAvailable":
+        name, _, value = line.partition(":")
+        if name == key:
             return int(value.split()[0]) * 1024
     return None
 

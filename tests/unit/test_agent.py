@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from migrate import agent as agent_module
 from migrate.agent import Agent
 from migrate.controller import Agent as AgentHandle
 from runtime import criulogs, journal
@@ -204,6 +205,19 @@ def test_preload_keeps_the_first_start_time(rt, agent):
     assert rt.catalog.container("c1").started == 1700000000.25
 
 
+@pytest.mark.parametrize("asked,free,touched", [(300 << 20, 8 << 30, 300 << 20), (300 << 20, 400 << 20, 200 << 20),
+                                                 (None, 8 << 30, None), ("lots", 8 << 30, None), (True, 8 << 30, None)])
+def test_preload_touches_the_memory_the_restore_will_fill_but_never_more_than_half_of_what_is_free(
+        rt, agent, monkeypatch, asked, free, touched):
+    touches = []
+    monkeypatch.setattr(agent_module.linux, "prefault", touches.append)
+    monkeypatch.setattr(agent_module, "meminfo", lambda key: free if key == "MemFree" else None)
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "memory": asked})
+    assert touches == ([touched] if touched else [])
+
+
 @pytest.mark.parametrize("started", [None, "yesterday", True])
 def test_preload_without_a_start_time_leaves_it_to_the_restore(rt, agent, started):
     prepare_with_layers(agent, (L1,))
@@ -275,7 +289,6 @@ def test_answers_are_matched_to_their_request_by_id():
 def test_the_agent_echoes_ids_and_refuses_what_is_not_a_request(rt, monkeypatch):
     import io
 
-    from migrate import agent as agent_module
 
     monkeypatch.setattr(agent_module, "Runtime", lambda: rt)
     monkeypatch.setattr(rt, "close", lambda: None)
