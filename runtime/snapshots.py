@@ -253,7 +253,8 @@ class Snapshots:
         self.root.snapshots.mkdir(parents=True, exist_ok=True, mode=0o700)
         partial.mkdir(mode=0o700)
         write_owner(partial / OWNER_FILE)
-        dump(rec, self.root.container_dir(rec.name), partial, leave_running, lambda: self._publish(rec.name, partial, final, meta))
+        dump(rec, self.root.container_dir(rec.name), partial, leave_running,
+             lambda: self._publish(rec.name, partial, final, meta))
 
     def _publish(self, name: str, folder: Path, final: Path, meta: dict) -> None:
         """A dump in `folder` becomes the snapshot `final`: the container's upper dir and log are
