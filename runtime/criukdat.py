@@ -13,10 +13,11 @@ filesystem (and removes it itself if another CRIU build wrote it); one of an ear
 removed before any CRIU run of ours, since the kernel may have changed since.
 """
 
-import os
 import subprocess
 from functools import cache
 from pathlib import Path
+
+from . import linux
 
 CACHE = Path("/run/criu.kdat")  # where CRIU looks (fixed when CRIU is built)
 BOOT_NOTE = Path("/run/criu.kdat.boot-id")  # ours: the boot the cache was made in
@@ -36,8 +37,8 @@ def ensure(binary: str) -> None:
         CACHE.unlink(missing_ok=True)  # of an earlier boot, or unaccounted for
         made = _make(binary)
         if made:
-            _write(CACHE, made)
-            _write(BOOT_NOTE, boot.encode())
+            linux.write_atomic(CACHE, made, 0o600)
+            linux.write_atomic(BOOT_NOTE, boot.encode(), 0o600)
     except (OSError, subprocess.SubprocessError):
         pass
 
@@ -63,16 +64,6 @@ def _make(binary: str) -> bytes:
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, binary],
                        capture_output=True, timeout=MAKE_TIMEOUT, stdin=subprocess.DEVNULL)
     return p.stdout if p.returncode == 0 else b""
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.migrate-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _read(path: Path) -> str:

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from runtime import linux
 from runtime.errors import ImageError, InvalidInput, MigrateError, NotFound
 
 LAYER_MEDIA_TYPES = frozenset(
@@ -262,7 +263,7 @@ class LayerStore:
             os.replace(work / "blob", blob_path)
             if present:
                 return False
-            _write_atomic(sidecar, json.dumps({"size": blob.size, "diff_id": diff_id_found}).encode())
+            linux.write_atomic(sidecar, json.dumps({"size": blob.size, "diff_id": diff_id_found}).encode())
             try:
                 (work / "tree").rename(final)
             except OSError as e:
@@ -450,12 +451,6 @@ def tar_members(stream, label: str):
 def drain(stream) -> None:
     while stream.read(_CHUNK):
         pass
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _force_rmtree(path: Path) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import struct
+from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -127,6 +128,17 @@ def die_with_parent() -> None:
     """In a child before its exec: SIGTERM when the thread that started it ends (the tool killed,
     say), so a helper of ours never outlives us."""
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """PATH holds DATA whole or not at all (a temporary file beside it, renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def prefault(nbytes: int) -> None:

@@ -71,9 +71,7 @@ class Shim:
         self.readers = [out_r, err_r]
         # a dump finds them by these names wherever the container holds them (see stdio_pipes)
         names = {"stdout": f"pipe:[{os.fstat(out_r).st_ino}]", "stderr": f"pipe:[{os.fstat(err_r).st_ino}]"}
-        tmp = self.dir / f".{STDIO_PIPES}.tmp"
-        tmp.write_text(json.dumps(names))
-        tmp.replace(self.dir / STDIO_PIPES)
+        linux.write_atomic(self.dir / STDIO_PIPES, json.dumps(names).encode())
         return out_w, err_w
 
     def start(self) -> int:
