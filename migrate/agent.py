@@ -35,6 +35,7 @@ from runtime.spec import ContainerSpec, validate_name
 
 from . import treesync
 from .protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, PROTOCOL, Heartbeat
+from .warmmemory import WarmMemory
 
 COMMIT_GRACE = 0.3  # a restored copy must still run this long after the commit arrives
 # requests that are steps of the migration: journaled before and after
@@ -63,6 +64,7 @@ class _Pending:
     received: bool = False  # the final sync is done: the checkpoint is complete here
     shim: LaunchedShim | None = None  # started before the freeze, told to go at restore
     deadline: threading.Timer | None = None  # aborts the restored copy if no commit comes in time
+    warm: WarmMemory | None = None  # memory touched before the freeze, given back as it is needed
 
 
 class Agent:
@@ -160,11 +162,13 @@ class Agent:
         # fenced: until the commit, the restored copy lives only as long as this agent does
         p.shim = self.rt.launch_shim(p.name, "restore", p.incoming, bool(msg.get("lazy")),
                                      tcp_close=bool(msg.get("tcp_close")), migration=p.migration)
-        # the memory the freeze will fill (restored pages, and the page files before them) touched
-        # now, while the source runs: at most half of what is free, so nothing is reclaimed for it
+        # the memory the freeze will fill touched now, while the source runs, and held until it is
+        # needed (migrate/warmmemory.py): the restored memory, and where pages go to files first,
+        # as much again, freed when the first page server starts. At most half of what is free,
+        # so nothing is reclaimed for it.
         wanted = msg.get("memory")
         if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
-            linux.prefault(min(wanted, (meminfo("MemFree") or 0) // 2))
+            p.warm = WarmMemory(min(wanted, (meminfo("MemFree") or 0) // 2), 1 if msg.get("lazy") else 2)
         return {}
 
     def op_page_server(self, msg: dict) -> dict:
@@ -177,6 +181,8 @@ class Agent:
         if p.page_server is not None:
             raise Conflict(f"the page server of round {p.rounds[-1]} is still running")
         (p.incoming / folder).mkdir(mode=0o700)
+        if p.warm is not None and not p.rounds:
+            p.warm.release(1)  # for the page files this server writes
         with _page_connection(p, msg) as link:
             p.page_server = Criu().page_server(p.incoming / folder, link.fileno(),
                                                f"../{p.rounds[-1]}" if p.rounds else None)
@@ -220,6 +226,8 @@ class Agent:
         p = self._pending(msg)
         if not p.received:
             raise Conflict(f"the checkpoint of {p.name} has not been received")
+        if p.warm is not None:
+            p.warm.release()  # for the memory restored now (lazily: as its pages come)
         if msg.get("lazy"):
             if p.page_link is None:
                 raise Conflict(f"the migration of {p.name} has no page connection")
@@ -418,6 +426,8 @@ def _remove_incoming(incoming: Path) -> None:
 def _end_transfer(p: _Pending) -> None:
     """At the commit or the abort: the incoming and staging folders, the owner file, and
     incoming/ itself once empty: nothing of the migration stays."""
+    if p.warm is not None:
+        p.warm.release()
     _remove_incoming(p.incoming)
     shutil.rmtree(p.staging, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from runtime import criulogs, faults, journal, linux, procfs, states
@@ -124,6 +124,7 @@ class Migration:
         self.restore_asked = False  # from then on the target may run a (fenced) copy
         self.copy_deadline: float | None = None  # past it, an uncommitted copy on the target has ended itself
         self.upper_copied: treesync.Walk | None = None  # the upper dir as it was when its running copy began
+        self.upper_frozen: Future | None = None  # its changes since, read from the instant CRIU holds the tree
         self.stats = MigrationStats(name, socket.gethostname(), self.spec.alias)
 
     @contextlib.contextmanager
@@ -292,8 +293,18 @@ class Migration:
         agent.proc.check()  # an agent known gone already is found before anything freezes
         self.freeze_started = time.monotonic()
         self.frozen_until = self.freeze_started + self.freeze_timeout
+        with ThreadPoolExecutor(1, thread_name_prefix="frozen-walk") as walker:
+            def seized() -> None:  # the upper dir is walked beside CRIU's dump, not after it
+                self.upper_frozen = walker.submit(self._upper_changes, rec, cdir)
+
+            self._freeze(agent, rsync, rec, cdir, outgoing, incoming, pages, parent, seized)
+
+    def _freeze(self, agent: Agent, rsync: Rsync, rec, cdir: Path, outgoing: Path, incoming: str,
+                pages: socket.socket | None, parent: str | None, seized: Callable[[], None]) -> None:
+        """The dump, and inside it the move: lazy mode's (memory after the restore), or the others'
+        (the final sync, restore and commit in CRIU's post-dump, so a failure resumes the source)."""
         if self.stats.mode == "lazy":
-            self._freeze_lazy(agent, rsync, rec, outgoing, pages,
+            self._freeze_lazy(agent, rsync, rec, outgoing, pages, seized,
                               lambda: self._ship(agent, rsync, rec, cdir, outgoing, incoming))
         else:
             def on_frozen() -> None:
@@ -315,7 +326,7 @@ class Migration:
                     self._end_target_copy(agent, rec)  # before CRIU resumes the source
                     raise
 
-            dump(rec, cdir, outgoing, leave_running=False, on_frozen=on_frozen,
+            dump(rec, cdir, outgoing, leave_running=False, on_frozen=on_frozen, on_seized=seized,
                  page_socket=pages.fileno() if pages is not None else None, parent_images=parent)
             if pages is not None:
                 with contextlib.suppress(OSError, CriuError):  # a figure: the move is done whether known or not
@@ -389,13 +400,9 @@ class Migration:
 
     def _send_checkpoint(self, agent: Agent, rsync: Rsync, rec, cdir: Path, outgoing: Path, incoming: str) -> int:
         """The final sync's files sent (inline or by rsync), and the target asked to `receive`
-        them: the request's id. Files the frozen processes map shared and writable go whatever
-        their metadata says: writes through such a mapping need not touch it."""
+        them: the request's id."""
         upper, log = cdir / "upper", cdir / "container.log"
-        rootfs = f"{cdir / 'rootfs'}/"  # how /proc shows the container's files to us (or as it sees them)
-        mapped = {path.removeprefix(rootfs).lstrip("/")
-                  for path in procfs.mapped_for_writing(Cgroups(rec.cgroups).pids())}
-        changed = treesync.changes(self.upper_copied, upper, always=mapped)
+        changed = self.upper_frozen.result() if self.upper_frozen is not None else self._upper_changes(rec, cdir)
         images = treesync.walk(outgoing / "images").entries
         checkpoint = ["spec.json", "checkpoint.json", "images", *(f"images/{path}" for path in images)]
         image_bytes = sum(e.size for e in images.values()) + sum((outgoing / f).stat().st_size for f in checkpoint[:2])
@@ -418,6 +425,15 @@ class Migration:
         self.stats.bytes["images"] += min(sent, image_bytes)
         self.stats.bytes["upper"] += max(0, sent - image_bytes)
         return agent.ask("receive", name=self.name)
+
+    def _upper_changes(self, rec, cdir: Path) -> treesync.Changes:
+        """What changed in the upper dir since its running copy began, read while the tree is
+        frozen; files its processes map shared and writable count as changed whatever their
+        metadata says: writes through such a mapping need not touch it."""
+        rootfs = f"{cdir / 'rootfs'}/"  # how /proc shows the container's files to us (or as it sees them)
+        mapped = {path.removeprefix(rootfs).lstrip("/")
+                  for path in procfs.mapped_for_writing(Cgroups(rec.cgroups).pids())}
+        return treesync.changes(self.upper_copied, cdir / "upper", always=mapped)
 
     def _wait_pages(self, agent: Agent, master: int | None, start: int | None) -> None:
         """The target fetches memory while it runs; show how far it got while we wait: what the
@@ -513,7 +529,7 @@ class Migration:
             time.sleep(max(0.0, self.copy_deadline - time.monotonic()) + 1.0)
 
     def _freeze_lazy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path, pages: socket.socket,
-                     ship: Callable[[], Callable[[], None]]) -> None:
+                     seized: Callable[[], None], ship: Callable[[], Callable[[], None]]) -> None:
         """Post-copy: CRIU dumps all but memory (shipped by `ship` in post-dump, frozen), then serves
         it on the page connection to the target's lazy-pages daemon, and returns once that has
         every page (or the connection ends); so the dump runs in a thread.
@@ -534,7 +550,7 @@ class Migration:
         def run_dump() -> None:
             try:
                 dump(rec, self.rt.root.container_dir(self.name), outgoing, leave_running=True, on_frozen=frozen,
-                     lazy=True, page_socket=pages.fileno(),
+                     lazy=True, page_socket=pages.fileno(), on_seized=seized,
                      on_notify=lambda script: ready.set() if script == "status-ready" else None,
                      on_criu=lambda pid: outcome.__setitem__("criu", pid))
             except BaseException as e:  # noqa: BLE001 - handed to the controller's thread

@@ -5,7 +5,6 @@ Raising OSError with errno like the os module does keeps callers uniform.
 
 import ctypes
 import ctypes.util
-import mmap
 import os
 import signal
 import stat
@@ -139,16 +138,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def prefault(nbytes: int) -> None:
-    """Have the kernel hand out NBYTES of memory once, then free it. A VM whose RAM the
-    hypervisor backs only when the guest first touches it (Firecracker, many clouds) pays for
-    that first touch: 2.5 s per GiB on this project's test machines, against 0.3 s for memory
-    touched before. Pages once touched and freed are handed out again first, so a restore that
-    follows gets memory at the second speed."""
-    if nbytes > 0:
-        mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE).close()
 
 
 def set_child_subreaper() -> None:

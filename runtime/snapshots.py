@@ -118,12 +118,16 @@ def dump_blocker(rec: ContainerRecord) -> str | None:
 def dump(rec: ContainerRecord, cdir: Path, sdir: Path, leave_running: bool, on_frozen: Callable[[], None],
          on_notify: Callable[[str], None] | None = None, lazy: bool = False,
          on_criu: Callable[[int], None] | None = None, page_socket: int | None = None,
-         parent_images: str | None = None, freeze_cgroup: str | None = None) -> None:
+         parent_images: str | None = None, freeze_cgroup: str | None = None,
+         on_seized: Callable[[], None] | None = None) -> None:
     """Checkpoint a running container (its folder cdir) into the new folder sdir (images, spec,
     stdio identities).
 
     on_frozen runs at CRIU's post-dump notification, while the tree is still frozen: if it raises,
-    CRIU resumes the tree and the dump fails. Any other notification goes to on_notify.
+    CRIU resumes the tree and the dump fails. on_seized runs as soon as CRIU holds the whole tree,
+    before it dumps anything (its query-ext-files notification, CRIU >= 3.19; never with an
+    older one): what reads the frozen container's files can start there, beside CRIU's work. Any
+    other notification goes to on_notify.
     With page_socket (the page connection to the other host's CRIU), memory stays out of the
     images: it goes to the page server there as CRIU dumps (only what was dirtied since the
     pre-dump in parent_images, if given); or, when lazy, CRIU serves it after post-dump (from
@@ -151,6 +155,9 @@ def dump(rec: ContainerRecord, cdir: Path, sdir: Path, leave_running: bool, on_f
                 raise MigrateError(f"{rec.name} opened a TCP connection just as it was frozen, which the dump had "
                                    "not locked: it runs on; try again")
             on_frozen()
+        elif script == "query-ext-files":
+            if on_seized is not None:
+                on_seized()
         elif on_notify is not None:
             on_notify(script)
 

@@ -1,11 +1,13 @@
 """The target side of a migration without SSH, CRIU or root: what an abort leaves, what the record
 keeps, and how a failed CRIU step on the target is reported with its kept log."""
 
+import contextlib
 import io
 import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -205,17 +207,72 @@ def test_preload_keeps_the_first_start_time(rt, agent):
     assert rt.catalog.container("c1").started == 1700000000.25
 
 
-@pytest.mark.parametrize("asked,free,touched", [(300 << 20, 8 << 30, 300 << 20), (300 << 20, 400 << 20, 200 << 20),
-                                                 (None, 8 << 30, None), ("lots", 8 << 30, None), (True, 8 << 30, None)])
-def test_preload_touches_the_memory_the_restore_will_fill_but_never_more_than_half_of_what_is_free(
-        rt, agent, monkeypatch, asked, free, touched):
-    touches = []
-    monkeypatch.setattr(agent_module.linux, "prefault", touches.append)
+class FakeWarm:
+    """migrate.warmmemory.WarmMemory without touching memory: what was held, what given back when."""
+
+    made: list["FakeWarm"] = []
+
+    def __init__(self, nbytes: int, parts: int):
+        self.nbytes, self.held = nbytes, parts
+        self.made.append(self)
+
+    def release(self, parts: int | None = None) -> None:
+        self.held -= self.held if parts is None else min(parts, self.held)
+
+
+@pytest.fixture
+def warm(monkeypatch):
+    monkeypatch.setattr(agent_module, "WarmMemory", FakeWarm)
+    FakeWarm.made = []
+    return FakeWarm.made
+
+
+@pytest.mark.parametrize("asked,free,lazy,held", [
+    (300 << 20, 8 << 30, True, (300 << 20, 1)), (600 << 20, 8 << 30, False, (600 << 20, 2)),
+    (300 << 20, 400 << 20, True, (200 << 20, 1)),
+    (None, 8 << 30, True, None), ("lots", 8 << 30, True, None), (True, 8 << 30, True, None)])
+def test_preload_holds_the_memory_the_restore_will_fill_but_never_more_than_half_of_what_is_free(
+        rt, agent, monkeypatch, warm, asked, free, lazy, held):
     monkeypatch.setattr(agent_module, "meminfo", lambda key: free if key == "MemFree" else None)
     prepare_with_layers(agent, (L1,))
     agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
-    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "memory": asked})
-    assert touches == ([touched] if touched else [])
+    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "memory": asked, "lazy": lazy})
+    assert [(w.nbytes, w.held) for w in warm] == ([held] if held else [])
+
+
+class FakeCriu:
+    """The page server a round starts, as far as the agent sees it."""
+
+    def page_server(self, *_args):
+        return SimpleNamespace(kill=lambda: None)
+
+
+def test_held_memory_goes_back_half_when_the_first_page_server_starts_and_the_rest_at_the_restore(
+        rt, agent, monkeypatch, warm):
+    monkeypatch.setattr(agent_module, "meminfo", lambda key: 8 << 30)
+    monkeypatch.setattr(agent_module, "Criu", FakeCriu)
+    monkeypatch.setattr(agent_module, "_page_connection", lambda _p, _msg: contextlib.nullcontext(SimpleNamespace(fileno=lambda: -1)))
+    restored = []
+    monkeypatch.setattr(agent_module.Snapshots, "restore_dir",
+                        lambda _self, *args, **kw: restored.append(warm[0].held) or rt.catalog.container("c1"))
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "memory": 600 << 20})
+    assert warm[0].held == 2
+    agent.handle({"op": "page_server", "name": "c1", "folder": "images"})
+    assert warm[0].held == 1
+    agent.handle({"op": "receive", "name": "c1"})
+    agent.handle({"op": "restore", "name": "c1"})
+    assert restored == [0]  # all given back before CRIU restores
+
+
+def test_an_abort_gives_held_memory_back(rt, agent, monkeypatch, warm):
+    monkeypatch.setattr(agent_module, "meminfo", lambda key: 8 << 30)
+    prepare_with_layers(agent, (L1,))
+    agent.handle({"op": "adopt_layers", "name": "c1", "digests": [L1]})
+    agent.handle({"op": "preload", "name": "c1", "spec": spec(), "memory": 600 << 20, "lazy": True})
+    agent.abort()
+    assert warm[0].held == 0
 
 
 @pytest.mark.parametrize("started", [None, "yesterday", True])
