@@ -264,7 +264,7 @@ class Migration:
         with self._step("upper sync"), self.stats.phase("upper sync (running)"):
             self.upper_copied = treesync.walk(cdir / "upper")  # the target has at least this after the copy
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
-                                                    tree_size(cdir / "upper"), delete=True, running=True)
+                                                    self.upper_copied.data_bytes(), delete=True, running=True)
         with self._step("preload"):
             # lazy mode fills the restored memory; the others write its pages to files first
             memory = self.memory * (1 if self.stats.mode == "lazy" else 2)

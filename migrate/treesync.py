@@ -66,6 +66,15 @@ class Walk:
     entries: dict[str, Entry]
     started_ns: int
 
+    def data_bytes(self, paths: Iterable[str] | None = None) -> int:
+        """Regular-file data of these entries (all by default), hard-linked files once."""
+        sizes = {}
+        for path in self.entries if paths is None else paths:
+            entry = self.entries[path]
+            if stat.S_ISREG(entry.mode):
+                sizes[entry.ino] = entry.size
+        return sum(sizes.values())
+
 
 @dataclass(frozen=True)
 class Changes:
@@ -78,12 +87,7 @@ class Changes:
     @property
     def data_bytes(self) -> int:
         """Regular-file data a pack of `changed` carries (hard-linked files once)."""
-        sizes = {}
-        for path in self.changed:
-            entry = self.now.entries[path]
-            if stat.S_ISREG(entry.mode):
-                sizes[entry.ino] = entry.size
-        return sum(sizes.values())
+        return self.now.data_bytes(self.changed)
 
 
 def walk(root: Path) -> Walk:

@@ -251,7 +251,8 @@ def test_held_memory_goes_back_half_when_the_first_page_server_starts_and_the_re
         rt, agent, monkeypatch, warm):
     monkeypatch.setattr(agent_module, "meminfo", lambda key: 8 << 30)
     monkeypatch.setattr(agent_module, "Criu", FakeCriu)
-    monkeypatch.setattr(agent_module, "_page_connection", lambda _p, _msg: contextlib.nullcontext(SimpleNamespace(fileno=lambda: -1)))
+    link = SimpleNamespace(fileno=lambda: -1)
+    monkeypatch.setattr(agent_module, "_page_connection", lambda _p, _msg: contextlib.nullcontext(link))
     restored = []
     monkeypatch.setattr(agent_module.Snapshots, "restore_dir",
                         lambda _self, *args, **kw: restored.append(warm[0].held) or rt.catalog.container("c1"))

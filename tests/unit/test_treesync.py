@@ -331,3 +331,14 @@ def test_a_symlink_in_the_tree_is_replaced_not_followed(escape):
 
     assert (root / "esc").read_bytes() == b"x"
     assert list(outside.iterdir()) == []
+
+
+def test_a_walk_counts_the_data_of_its_regular_files_once_per_inode(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/a").write_bytes(b"x" * 1000)
+    os.link(tmp_path / "sub/a", tmp_path / "b")  # the same 1000 bytes
+    (tmp_path / "c").write_bytes(b"y" * 24)
+    os.symlink("sub/a", tmp_path / "link")
+    found = walk(tmp_path)
+    assert found.data_bytes() == 1024
+    assert found.data_bytes(["sub", "link", "c"]) == 24
