@@ -5,7 +5,8 @@ scripts/benchkit/moves.py for exactly what), with a workload that only ticks and
 rewrites all its memory every 250 ms; the same bytes also go through ssh and plain TCP. The
 pause is what the workload saw: the largest gap between its own 5 ms timestamps. Modes
 alternate within each repetition. Prints the medians and the ratio to the by-hand baseline,
-and writes bench.md, results.json and bench.png into --out."""
+and how long lazy mode's memory took after the restore against ssh, and writes bench.md,
+results.json and bench.png into --out."""
 
 import argparse
 import datetime
@@ -151,7 +152,7 @@ def main() -> int:
                 "upper_file_bytes": workload.FILE_BYTES, "order": "per size and repetition: "
                 "for each workload copy, lazy, by-hand; then ssh, tcp"}
     rows = results.summarize(trials)
-    table = results.format_table(rows, machine)
+    table = results.format_table(rows, machine) + "\n" + results.format_pages_table(results.summarize_pages(trials))
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(table + "\n![pause and total time against memory size](bench.png)\n")
     (out / "results.json").write_text(json.dumps(results.document(trials, machine, settings), indent=2) + "\n")

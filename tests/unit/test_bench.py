@@ -12,11 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from benchkit.results import (  # noqa: E402
     Trial,
     document,
+    format_pages_table,
     format_table,
     largest_gap,
     parse_ticks,
     parse_sizes,
     summarize,
+    summarize_pages,
     ticked_after,
 )
 
@@ -60,7 +62,8 @@ def _trials():
     out = []
     for rep, (copy, lazy, hand) in enumerate([(1.0, 0.2, 2.0), (3.0, 0.4, 4.0), (2.0, 0.3, 3.0)], 1):
         out += [Trial(64, "copy", rep, "idle", pause_s=copy, downtime_s=copy / 2, total_s=copy * 3),
-                Trial(64, "lazy", rep, "idle", pause_s=lazy, downtime_s=0.1, total_s=2.0),
+                Trial(64, "lazy", rep, "idle", pause_s=lazy, downtime_s=0.1, total_s=2.0,
+                      detail={"phases_s": {"restore": 0.05, "pages (running)": lazy * 4}}),
                 Trial(64, "by-hand", rep, "idle", pause_s=hand, downtime_s=hand, total_s=hand + 1),
                 Trial(64, "ssh", rep, total_s=0.5 * rep),
                 Trial(64, "tcp", rep, total_s=0.1)]
@@ -96,10 +99,26 @@ def test_table_names_the_machine_and_shows_each_row():
 
 def test_json_document_shape():
     doc = json.loads(json.dumps(document(_trials(), {"nproc": 2}, {"reps": 3})))
-    assert set(doc) == {"schema", "machine", "settings", "trials", "medians"}
-    assert doc["schema"] == 1 and doc["machine"] == {"nproc": 2} and doc["settings"] == {"reps": 3}
+    assert set(doc) == {"schema", "machine", "settings", "trials", "medians", "pages"}
+    assert doc["schema"] == 2 and doc["machine"] == {"nproc": 2} and doc["settings"] == {"reps": 3}
     assert len(doc["trials"]) == 17
     assert set(doc["trials"][0]) == {"size_mib", "mode", "rep", "workload", "pause_s", "downtime_s", "total_s",
                                      "bytes", "detail", "error"}
     assert set(doc["medians"][0]) == {"size_mib", "workload", "mode", "n", "failed", "pause_s", "downtime_s",
                                       "total_s", "ratio"}
+
+
+def test_lazy_pages_against_the_ssh_wire_of_the_same_size():
+    trials = [*_trials(), Trial(64, "lazy", 4, "idle", error="lazy pages failed"),  # a failure does not count
+              Trial(64, "lazy", 1, "touch", pause_s=0.3, detail={"phases_s": {"restore": 0.05}}),  # no pages phase
+              Trial(256, "lazy", 1, "idle", pause_s=0.3, detail={"phases_s": {"pages (running)": 2.0}})]
+    rows = {(r.size_mib, r.workload): r for r in summarize_pages(trials)}
+    idle = rows[(64, "idle")]  # pages 0.8, 1.6, 1.2 s against ssh 0.5, 1.0, 1.5 s
+    assert (idle.n, idle.pages_s, idle.wire_s) == (3, pytest.approx(1.2), 1.0)
+    assert idle.ratio == pytest.approx(1.2)
+    assert (rows[(64, "touch")].n, rows[(64, "touch")].pages_s, rows[(64, "touch")].ratio) == (0, None, None)
+    assert (rows[(256, "idle")].wire_s, rows[(256, "idle")].ratio) == (None, None)  # no wire measured there
+    assert list(rows) == [(64, "idle"), (64, "touch"), (256, "idle")]
+    table = format_pages_table(summarize_pages(trials))
+    assert "| 64 | idle | 3 | 1.200 | 1.000 | 1.20x |" in table
+    assert "| 256 | idle | 1 | 2.000 | - | - |" in table
