@@ -8,6 +8,7 @@ controller says `commit`, everything is undone here: the source still has the co
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from runtime.reconcile import owner_file, write_transfer_owner
 from runtime.snapshots import Snapshots
 from runtime.spec import ContainerSpec, validate_name
 
-from . import treesync
+from . import pagelink, treesync
 from .protocol import HEARTBEAT, HEARTBEAT_SILENCE, MAX_LINE, PROTOCOL, Heartbeat
 from .warmmemory import WarmMemory
 
@@ -45,6 +46,7 @@ _STEPS = {"adopt_layers": "layers", "preload": "preload", "page_server": "pre-co
 _ROUND_FOLDER = re.compile(r"pre-[1-9][0-9]{0,2}|images")  # pre-copy's rounds, then the final dump's
 _MIGRATION_ID = re.compile(r"[0-9a-f]{8,64}")
 _PAGE_SOCKET = re.compile(r"pages-[0-9a-f]{8}\.sock")
+_TOKEN = re.compile(f"[0-9a-f]{{{2 * pagelink.TOKEN_BYTES}}}")
 PAGE_CONNECT_TIMEOUT = 10.0
 
 
@@ -57,7 +59,8 @@ class _Pending:
     incoming: Path
     staging: Path
     adopted: list[str] = field(default_factory=list)
-    page_link: socket.socket | None = None  # lazy mode: the page connection, until the restore
+    page_link: socket.socket | None = None  # lazy mode: the page connection, until every page is here
+    uncorker: pagelink.Uncorker | None = None  # lazy mode, from the restore on
     pages: LazyPagesDaemon | None = None  # lazy mode: fetching memory from the source
     page_server: PageServer | None = None  # pre-copy: receiving a round's pages
     rounds: list[str] = field(default_factory=list)  # pre-copy: the folders of the rounds received
@@ -103,7 +106,7 @@ class Agent:
 
     def op_hello(self, msg: dict) -> dict:
         self.heartbeat_agreed = msg.get("protocol") == PROTOCOL
-        return {"protocol": PROTOCOL,
+        return {"protocol": PROTOCOL, "peer": _ssh_client(),
                 "facts": host_facts(self.rt.root, [c.name for c in self.rt.catalog.containers()],
                                     self.rt.layers.digests())}
 
@@ -166,9 +169,10 @@ class Agent:
         # needed (migrate/warmmemory.py): the restored memory, and where pages go to files first,
         # as much again, freed when the first page server starts. At most half of what is free,
         # so nothing is reclaimed for it.
-        wanted = msg.get("memory")
-        if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
-            p.warm = WarmMemory(min(wanted, (meminfo("MemFree") or 0) // 2), 1 if msg.get("lazy") else 2)
+        memory = msg.get("memory")
+        if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0:
+            parts = 1 if msg.get("lazy") else 2
+            p.warm = WarmMemory(min(memory * parts, (meminfo("MemFree") or 0) // 2), parts)
         return {}
 
     def op_page_server(self, msg: dict) -> dict:
@@ -180,10 +184,10 @@ class Agent:
             raise InvalidInput(f"bad pre-copy folder {folder!r}")
         if p.page_server is not None:
             raise Conflict(f"the page server of round {p.rounds[-1]} is still running")
-        (p.incoming / folder).mkdir(mode=0o700)
-        if p.warm is not None and not p.rounds:
-            p.warm.release(1)  # for the page files this server writes
-        with _page_connection(p, msg) as link:
+        with _page_connection(p, msg) as link:  # first: a direct one that fails is asked for again by SSH
+            (p.incoming / folder).mkdir(mode=0o700)
+            if p.warm is not None and not p.rounds:
+                p.warm.release(1)  # for the page files this server writes
             p.page_server = Criu().page_server(p.incoming / folder, link.fileno(),
                                                f"../{p.rounds[-1]}" if p.rounds else None)
         p.rounds.append(folder)
@@ -231,9 +235,8 @@ class Agent:
         if msg.get("lazy"):
             if p.page_link is None:
                 raise Conflict(f"the migration of {p.name} has no page connection")
-            with p.page_link:
-                p.pages = Criu().lazy_pages(p.incoming / "images", p.page_link.fileno())
-            p.page_link = None
+            p.pages = Criu().lazy_pages(p.incoming / "images", p.page_link.fileno())
+            p.uncorker = pagelink.Uncorker(p.page_link)
         rec = Snapshots(self.rt).restore_dir(p.incoming, p.name, move=True, lazy=p.pages is not None, shim=p.shim)
         if p.pages is None:
             _remove_incoming(p.incoming)
@@ -256,6 +259,8 @@ class Agent:
         except CriuError:
             self.rt.release(p.name)
             raise
+        finally:
+            _end_page_link(p)
         if status != 0:
             self.rt.release(p.name)
             raise CriuError(f"the lazy page transfer failed: {p.pages.failure()}", log=p.pages.log, op="lazy-pages")
@@ -341,8 +346,7 @@ class Agent:
             self.rt.discard(p.name)
         if p.pages is not None:  # only now: the tree must never run without its pages
             p.pages.kill()
-        if p.page_link is not None:
-            p.page_link.close()
+        _end_page_link(p)
         if p.page_server is not None:
             p.page_server.kill()
         _end_transfer(p)
@@ -399,8 +403,11 @@ def _abort_copy(root, name: str, migration: str) -> None:
 
 
 def _page_connection(p: _Pending, msg: dict) -> socket.socket:
-    """Connect to the socket sshd made in the incoming folder for the source's end of the page
-    connection (migrate/pagelink.py), and remove it: nobody else can connect to it any more."""
+    """The page connection (migrate/pagelink.py): direct when the message says so, else the
+    socket sshd made in the incoming folder for the source's end, removed once connected to:
+    nobody else can connect to it any more."""
+    if "direct" in msg:
+        return _direct_connection(msg["direct"])
     path = msg.get("socket")
     if not isinstance(path, str) or Path(path).parent != p.incoming or not _PAGE_SOCKET.fullmatch(Path(path).name):
         raise InvalidInput(f"bad page connection socket {path!r}")
@@ -416,6 +423,49 @@ def _page_connection(p: _Pending, msg: dict) -> socket.socket:
         with contextlib.suppress(OSError):
             os.unlink(path)
     return link
+
+
+def _end_page_link(p: _Pending) -> None:
+    """Lazy mode: this end of the page connection, once the daemon is done with it."""
+    if p.uncorker is not None:
+        p.uncorker.stop()
+        p.uncorker = None
+    if p.page_link is not None:
+        p.page_link.close()
+        p.page_link = None
+
+
+def _direct_connection(direct: object) -> socket.socket:
+    """Connect to the source where SSH says it is (not where the message says: the agent reaches
+    no other address for anyone) and send it the migration's token."""
+    port, token = (direct.get("port"), direct.get("token")) if isinstance(direct, dict) else (None, None)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536 \
+            or not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise InvalidInput(f"bad direct page connection {direct!r}")
+    address = _ssh_client()
+    if address is None:
+        raise RemoteError("no direct page connection: this agent was not started by sshd (no SSH_CONNECTION)")
+    try:
+        link = socket.create_connection((address, port), timeout=pagelink.DIRECT_CONNECT_TIMEOUT)
+    except OSError as e:
+        raise RemoteError(f"cannot reach {address} port {port} directly: {e.strerror or e}") from None
+    try:
+        link.sendall(bytes.fromhex(token))
+        pagelink.tune(link)
+        link.settimeout(None)
+    except OSError as e:
+        link.close()
+        raise RemoteError(f"the direct page connection to {address} port {port} failed: {e.strerror or e}") from None
+    return link
+
+
+def _ssh_client() -> str | None:
+    """The address the source connected to this host from, as sshd saw it (SSH_CONNECTION)."""
+    words = os.environ.get("SSH_CONNECTION", "").split()
+    try:
+        return str(ipaddress.ip_address(words[0])) if words else None
+    except ValueError:
+        return None
 
 
 def _remove_incoming(incoming: Path) -> None:

@@ -29,6 +29,8 @@ EPILOG = """exit codes: 0 ok, 1 failure, 2 bad input, 3 not found, 4 conflict wi
 VERBS = ("image", "run", "ps", "inspect", "logs", "exec", "stop", "rm", "checkpoint", "schedule", "snapshots",
          "snapshot", "restore", "export", "import", "move", "drain", "recover", "agent")
 # what a container under a (scheduled) snapshot waits for rather than refuses
+DIRECT_HELP = ("memory pages go by a direct TCP connection, unencrypted (for a trusted network: faster than "
+               "through SSH); the host's `direct = true` in the config does the same")
 SSH_CONFIG_HELP = "ssh config file, given to ssh as -F (default: MIGRATE_SSH_CONFIG, else ssh's own files)"
 WAIT_FOR_SNAPSHOT = ("exec", "stop", "rm", "restore")  # checkpoint and move wait as they take it
 
@@ -137,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
                          "lazy, else copy, as both hosts support")
     mv.add_argument("--ssh-config", help=SSH_CONFIG_HELP)
     mv.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    mv.add_argument("--direct", action="store_true", help=DIRECT_HELP)
     mv.add_argument("--tcp-close", action="store_true",
                     help="move even with TCP connections to outside the container: they are closed on the target")
     mv.add_argument("--allow-new-inodes", action="store_true",
@@ -159,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--dry-run", action="store_true", help="print the placement, change nothing")
     dr.add_argument("--json", action="store_true")
     dr.add_argument("--ssh-config", help=SSH_CONFIG_HELP)
+    dr.add_argument("--direct", action="store_true", help=DIRECT_HELP)
 
     rc = sub.add_parser("recover", help="settle what interrupted migrations left undecided here, asking their "
                                         "other hosts (containers in-doubt run again here or are removed)")
@@ -458,7 +462,7 @@ def dispatch(a) -> int:
                 raise InvalidInput("--freeze-timeout must be positive")
             extra = {"freeze_timeout": a.freeze_timeout} if a.freeze_timeout is not None else {}
             stats = Migration(rt, a.name, a.host, a.mode, ssh_config=a.ssh_config, tcp_close=a.tcp_close,
-                              allow_new_inodes=a.allow_new_inodes, **extra).run()
+                              allow_new_inodes=a.allow_new_inodes, direct=a.direct, **extra).run()
             if a.json:
                 output.print_json(stats.to_json())
             else:
@@ -469,7 +473,7 @@ def dispatch(a) -> int:
             from . import drain
 
             return drain.run(rt, a.host, a.to, parallel=a.parallel, policy=a.policy, dry_run=a.dry_run,
-                             as_json=a.json, ssh_config=a.ssh_config)
+                             as_json=a.json, ssh_config=a.ssh_config, direct=a.direct)
         if a.verb == "recover":
             return _recover(rt, a)
         if a.verb == "agent":

@@ -107,7 +107,7 @@ class Migration:
     def __init__(self, runtime: Runtime, name: str, host: str, mode: str = "auto",
                  ssh_config: str | None = None, tool_config: str | None = None,
                  tcp_close: bool = False, allow_new_inodes: bool = False,
-                 freeze_timeout: float = FREEZE_TIMEOUT):
+                 freeze_timeout: float = FREEZE_TIMEOUT, direct: bool = False):
         self.rt = runtime
         self.journal = runtime.catalog.journal
         self.name = name
@@ -116,6 +116,8 @@ class Migration:
         self.tcp_close = tcp_close  # connections to the outside are restored closed on the target
         self.allow_new_inodes = allow_new_inodes  # move even with SQLite databases open in the upper dir
         self.freeze_timeout = freeze_timeout
+        self.direct = direct or self.spec.direct  # pages by plain TCP (migrate/pagelink.py), until that fails once
+        self.peer: str | None = None  # this host's address as the target sees it
         self.id = secrets.token_hex(8)
         self.step = "connect"
         self.memory = 0  # the container's memory use, measured at preflight
@@ -185,6 +187,7 @@ class Migration:
                 raise MigrationFailed(f"cannot migrate to {self.spec.alias}: its migrate speaks protocol "
                                       f"{hello.get('protocol')}, this one {PROTOCOL}; install the same version on both")
             agent.proc.start_heartbeat()
+            self.peer = hello.get("peer")
             remote = hello["facts"]
             self._preflight(agent, local.result(), remote, cpu.result())
         self.rt.take(self.name, "migrate")
@@ -266,10 +269,8 @@ class Migration:
             self.stats.bytes["upper"] += rsync.send([cdir / "upper"], incoming + "/", "upper dir",
                                                     self.upper_copied.data_bytes(), delete=True, running=True)
         with self._step("preload"):
-            # lazy mode fills the restored memory; the others write its pages to files first
-            memory = self.memory * (1 if self.stats.mode == "lazy" else 2)
             agent.call("preload", name=self.name, spec=rec.spec.to_json(), lazy=self.stats.mode == "lazy",
-                       memory=memory, tcp_close=self.tcp_close, started=rec.started)
+                       memory=self.memory, tcp_close=self.tcp_close, started=rec.started)
         outgoing.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(outgoing, ignore_errors=True)
         parent = self._precopy(agent, rsync, rec, outgoing, incoming) if self.stats.mode == "precopy" else None
@@ -281,7 +282,8 @@ class Migration:
             with self._step("page connection"):
                 pages = self._connect_pages(agent, rsync, incoming, "page_server", folder="images")
         try:
-            self._checkpoint(agent, rsync, rec, cdir, outgoing, incoming, pages, parent)
+            with pagelink.Uncorker(pages):
+                self._checkpoint(agent, rsync, rec, cdir, outgoing, incoming, pages, parent)
         finally:
             if pages is not None:
                 pages.close()
@@ -334,8 +336,40 @@ class Migration:
 
     def _connect_pages(self, agent: Agent, rsync: Rsync, incoming: str, op: str, **args) -> socket.socket:
         """The page connection to the target (migrate/pagelink.py), where the agent's OP takes it:
-        `page_server` starts a page server on it, `page_link` keeps it for the lazy restore."""
+        `page_server` starts a page server on it, `page_link` keeps it for the lazy restore.
+        Direct when asked for, unless that fails: then, for the rest of the migration, by SSH."""
+        if self.direct:
+            try:
+                link = pagelink.direct(self.peer, lambda port, token: agent.call(
+                    op, name=self.name, direct={"port": port, "token": token}, **args))
+            except PeerLost:
+                raise
+            except RemoteError as e:
+                self.direct = False
+                self.stats.notes.append(f"no direct page connection ({e}): memory goes through SSH")
+            else:
+                self.stats.page_link = "direct"
+                return link
+        self.stats.page_link = "ssh"
         return pagelink.connect(rsync, incoming, lambda path: agent.call(op, name=self.name, socket=path, **args))
+
+    def _pages_sent(self, rsync: Rsync, pages: socket.socket) -> Callable[[], int]:
+        """Bytes sent on the page connection from now on: a direct one's own count, else what the
+        SSH connection's ssh process has read (the pages are all it carries meanwhile)."""
+        if self.stats.page_link == "direct":
+            def count() -> int | None:
+                return pagelink.bytes_sent(pages)
+        else:
+            master = rsync.session.master_pid
+
+            def count() -> int | None:
+                return procfs.bytes_read(master)
+        start = count()
+
+        def since() -> int:
+            now = count()
+            return now - start if now is not None and start is not None else 0
+        return since
 
     def _precopy(self, agent: Agent, rsync: Rsync, rec, outgoing: Path, incoming: str) -> str:
         """Pre-dump rounds while the container runs, each sending what was dirtied since the one
@@ -348,7 +382,8 @@ class Migration:
             while True:
                 folder = f"pre-{len(rounds) + 1}"
                 started = time.monotonic()
-                with self._connect_pages(agent, rsync, incoming, "page_server", folder=folder) as pages:
+                with self._connect_pages(agent, rsync, incoming, "page_server", folder=folder) as pages, \
+                        pagelink.Uncorker(pages):
                     written = pre_dump(rec, outgoing / folder, pages.fileno(), parent)
                 agent.call("page_server_done", name=self.name, timeout=90, timeout_s=60)
                 rounds.append(precopy.Round(written, time.monotonic() - started))
@@ -435,14 +470,8 @@ class Migration:
                   for path in procfs.mapped_for_writing(Cgroups(rec.cgroups).pids())}
         return treesync.changes(self.upper_copied, cdir / "upper", always=mapped)
 
-    def _wait_pages(self, agent: Agent, master: int | None, start: int | None) -> None:
-        """The target fetches memory while it runs; show how far it got while we wait: what the
-        shared SSH connection (its ssh process MASTER) has read since START, before the restore,
-        is the pages, which come through the page connection."""
-        def moved() -> int:
-            now = procfs.bytes_read(master)
-            return now - start if now is not None and start is not None else 0
-
+    def _wait_pages(self, agent: Agent, moved: Callable[[], int]) -> None:
+        """The target fetches memory while it runs; show how far it got (MOVED) while we wait."""
         done = threading.Event()
         with DelayedProgress("memory pages", self.memory) as progress:
             def watch() -> None:
@@ -566,14 +595,13 @@ class Migration:
                 raise outcome["error"]
             faults.point("page-server-ready")  # CRIU serves pages, the target has not asked for any
             outcome["received"]()
-            master = rsync.session.master_pid
-            start = procfs.bytes_read(master)
+            moved = self._pages_sent(rsync, pages)
             with self._step("restore"), self.stats.phase("restore"):
                 self.restore_asked = True
                 agent.call("restore", name=self.name, lazy=True, timeout=self._left())
             self.stats.downtime = time.monotonic() - self.freeze_started
             with self._step("memory pages"), self.stats.phase("pages (running)"):
-                self._wait_pages(agent, master, start)
+                self._wait_pages(agent, moved)
             self._commit(agent, rec)
         except BaseException as e:
             doubt = e if isinstance(e, InDoubt) else None

@@ -110,7 +110,12 @@ class Drain:
     policy: str | None = None
     dry_run: bool = False
     ssh_config: str | None = None
+    direct: bool = False  # moves send memory by direct TCP connections (migrate/pagelink.py)
     entries: list[Entry] = field(default_factory=list)
+
+    def move_options(self) -> list[str]:
+        """The options every `migrate move` of the drain gets."""
+        return [*(["--ssh-config", self.ssh_config] if self.ssh_config else []), *(["--direct"] if self.direct else [])]
 
     def report(self) -> dict:
         entries = sorted(self.entries, key=lambda e: e.name)
@@ -120,11 +125,11 @@ class Drain:
 
 
 def run(rt: Runtime, host: str, to: str, *, parallel: int | None = None, policy: str | None = None,
-        dry_run: bool = False, as_json: bool = False, ssh_config: str | None = None) -> int:
+        dry_run: bool = False, as_json: bool = False, ssh_config: str | None = None, direct: bool = False) -> int:
     """The `drain` verb: here when HOST is this machine, else relayed to HOST. Exit status 0 when
     every running container was dealt with, DrainIncomplete's when some stay."""
     parallel = DEFAULT_PARALLEL if parallel is None else parallel
-    d = Drain(validate_host_name(host), _targets(host, to), parallel, policy, dry_run, ssh_config)
+    d = Drain(validate_host_name(host), _targets(host, to), parallel, policy, dry_run, ssh_config, direct)
     if parallel < 1:
         raise InvalidInput("--parallel must be at least 1")
     if _is_here(host):
@@ -242,7 +247,7 @@ def execute(d: Drain, runner: Runner, progress: Callable[[Entry], None] | None =
     work = sorted((e for e in d.entries if e.result == "planned"), key=lambda e: (-(e.memory or 0), e.name))
 
     def one(e: Entry) -> None:
-        _do(e, runner, d.ssh_config)
+        _do(e, runner, d.move_options())
         if progress is not None:
             progress(e)
 
@@ -258,7 +263,7 @@ def execute(d: Drain, runner: Runner, progress: Callable[[Entry], None] | None =
         f.result()  # a bug in one() is not swallowed
 
 
-def _do(e: Entry, runner: Runner, ssh_config: str | None) -> None:
+def _do(e: Entry, runner: Runner, move_options: list[str]) -> None:
     if e.action == "checkpoint":
         rc, out, err = runner.run(["checkpoint", "--json", e.name])
         if rc == 0:
@@ -272,7 +277,7 @@ def _do(e: Entry, runner: Runner, ssh_config: str | None) -> None:
         return
     reasons = []
     for target in e.targets:
-        rc, out, err = runner.run(["move", e.name, target, "--json", *(["--ssh-config", ssh_config] if ssh_config else [])])
+        rc, out, err = runner.run(["move", e.name, target, "--json", *move_options])
         if rc == 0:
             e.result, e.target, e.reason = "moved", target, "; ".join(reasons)
             e.downtime_s = json.loads(out).get("downtime_s")
@@ -340,7 +345,8 @@ def relay(d: Drain) -> dict:
 
     spec = resolve_host(d.host, ssh_config=d.ssh_config)
     args = ["drain", LOCAL_NAMES[0], "--to", ",".join(d.targets), "--parallel", str(d.parallel), "--json",
-            *(["--policy", d.policy] if d.policy else []), *(["--dry-run"] if d.dry_run else [])]
+            *(["--policy", d.policy] if d.policy else []), *(["--dry-run"] if d.dry_run else []),
+            *(["--direct"] if d.direct else [])]
     with SSHSession.connect(spec) as session:
         rc, out, err = session.run(spec.remote_argv(*args), timeout=None)
     text = err.decode(errors="replace")

@@ -3,8 +3,8 @@
 The answer is OpenSSH's own: `ssh -G [-F CONFIG] HOST` prints the options ssh would use, after
 Include, Match, canonicalization and %-tokens, so `migrate ctr host-b` reaches the same machine,
 as the same user, with the same keys, known_hosts, HostKeyAlias and ProxyJump as `ssh host-b`.
-The tool's TOML config only adds what ssh cannot know: how to run `migrate` on the other side and
-where its state lives there.
+The tool's TOML config only adds what ssh cannot know: how to run `migrate` on the other side,
+where its state lives there, and whether memory may go to it by a direct, unencrypted connection.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = [
 DEFAULT_TOOL_CONFIG = Path("/etc/migrate/config.toml")
 DEFAULT_REMOTE_COMMAND = ("migrate",)
 SSH_G_TIMEOUT = 30.0  # a `Match exec` runs a command: it must not hang resolution forever
-_HOST_TABLE_KEYS = {"command", "root", "env"}
+_HOST_TABLE_KEYS = {"command", "root", "env", "direct"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNSAFE_NAME = re.compile(r"[\s\x00-\x1f\x7f]")
 
@@ -60,6 +60,7 @@ class HostSpec:
     proxy_jump: str | None = None
     proxy_command: str | None = None
     connect_timeout: int | None = None
+    direct: bool = False  # the network to it is trusted: memory pages go by plain TCP, not through SSH
 
     def remote_argv(self, *args: str) -> list[str]:
         """argv that runs the tool on the host with its MIGRATE_ROOT and extra env.
@@ -158,6 +159,7 @@ def _spec(name: str, options: dict[str, list[str]], ssh_path: Path | None, table
         remote_command=_remote_command(table.get("command"), name),
         remote_root=_remote_root(table.get("root"), name),
         remote_env=_remote_env(table.get("env", {}), name),
+        direct=_direct(table.get("direct", False), name),
         ssh_config=None if ssh_path is None else str(ssh_path),
         host_key_alias=one("hostkeyalias"),
         proxy_jump=one("proxyjump"),
@@ -255,6 +257,12 @@ def _remote_root(value: object, name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value.startswith("/"):
         raise InvalidInput(f"[hosts.{name}] root must be an absolute path")
+    return value
+
+
+def _direct(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"[hosts.{name}] direct must be true or false")
     return value
 
 

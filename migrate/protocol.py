@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from runtime import faults
 
-PROTOCOL = 6  # 6: the final sync ends with `receive` (its files inline when small); 5: layers as blobs
+PROTOCOL = 7  # 7: direct page connections, `preload` memory as it is; 6: the final sync ends with `receive`
 MAX_LINE = 4 << 20  # bytes of one line: no message of the protocol comes near it
 HEARTBEAT = b'{"heartbeat":1}'
 HEARTBEAT_INTERVAL = 5.0

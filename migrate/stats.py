@@ -15,6 +15,7 @@ class MigrationStats:
     source: str
     target: str
     mode: str = "copy"
+    page_link: str = ""  # how memory went, where a page connection carried it: "ssh" or "direct"
     phases: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KINDS, 0))
     downtime: float = 0.0
@@ -31,6 +32,7 @@ class MigrationStats:
 
     def to_json(self) -> dict:
         return {"container": self.container, "source": self.source, "target": self.target, "mode": self.mode,
+                "page_link": self.page_link or None,
                 "downtime_s": round(self.downtime, 4), "total_s": round(self.total, 4),
                 "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
                 "bytes": dict(self.bytes), "bytes_total": sum(self.bytes.values()), "notes": list(self.notes)}
@@ -40,6 +42,9 @@ class MigrationStats:
             print_note(note)
         rows = [("downtime", f"{self.downtime:.3f} s", "frozen on the source until running on the target"),
                 ("total", f"{self.total:.3f} s", f"{self.mode} mode, {self.source} -> {self.target}")]
+        if self.page_link:
+            rows.append(("pages by", self.page_link, "plain TCP, unencrypted" if self.page_link == "direct"
+                         else "the SSH connection"))
         rows += [(f"  {k}", f"{v:.3f} s", "") for k, v in self.phases.items()]
         rows += [(f"bytes {k}", human_size(v), "") for k, v in self.bytes.items()]
         rows.append(("bytes total", human_size(sum(self.bytes.values())), ""))

@@ -1,6 +1,7 @@
 """The benchmark behind ./scripts/bench: on two local test hosts, a container holding SIZE of
 memory and a 100 MB upper dir (5,000 files) is moved from host-a to host-b by the tool in copy
-mode, in lazy mode, and by hand (criu dump, rsync over ssh, criu restore: see
+mode and in lazy mode (each through SSH, and with --direct: pages by plain TCP), and by hand
+(criu dump, rsync over ssh, criu restore: see
 scripts/benchkit/moves.py for exactly what), with a workload that only ticks and one that
 rewrites all its memory every 250 ms; the same bytes also go through ssh and plain TCP. The
 pause is what the workload saw: the largest gap between its own 5 ms timestamps. Modes
@@ -150,7 +151,7 @@ def main() -> int:
     settings = {"sizes_mib": sizes, "reps": reps, "quick": a.quick, "tick_s": workload.TICK_S,
                 "touch_every_s": workload.TOUCH_S, "upper_files": workload.NFILES,
                 "upper_file_bytes": workload.FILE_BYTES, "order": "per size and repetition: "
-                "for each workload copy, lazy, by-hand; then ssh, tcp"}
+                f"for each workload {', '.join(MOVES)}; then {', '.join(WIRES)}"}
     rows = results.summarize(trials)
     table = results.format_table(rows, machine) + "\n" + results.format_pages_table(results.summarize_pages(trials))
     out.mkdir(parents=True, exist_ok=True)

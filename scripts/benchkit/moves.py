@@ -88,8 +88,9 @@ def start(hosts: TestHosts, name: str, size_mib: int, touch: bool, timeout: floa
 
 
 def move_tool(hosts: TestHosts, name: str, mode: str) -> dict:
-    """`migrate NAME host-b --mode MODE --json` on host-a; its statistics."""
-    return json.loads(migrate(hosts, SOURCE, name, TARGET, "--mode", mode, "--json"))
+    """`migrate NAME host-b --mode MODE --json` on host-a (MODE-direct: with --direct); its statistics."""
+    mode, _, direct = mode.partition("-")
+    return json.loads(migrate(hosts, SOURCE, name, TARGET, "--mode", mode, "--json", *(["--direct"] if direct else [])))
 
 
 def remove_tool(hosts: TestHosts, name: str) -> None:

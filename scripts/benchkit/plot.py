@@ -38,7 +38,8 @@ def plot(rows: Sequence[Row], title: str, out: Path) -> Path:
                 pts = [(r.size_mib, getattr(r, attr)) for r in rows
                        if r.workload == workload and r.mode == mode and getattr(r, attr) is not None]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=f"{mode}, {workload}")
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=f"{mode}, {workload}",
+                            linestyle="-." if mode.endswith("-direct") else "-")
         for mode in WIRES:
             pts = [(r.size_mib, r.total_s) for r in rows if r.mode == mode and r.total_s is not None]
             if pts:

@@ -6,13 +6,15 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-MOVES = ("copy", "lazy", "by-hand")  # the ways to move the container, in the order they alternate
+# the ways to move the container, in the order they alternate; -direct: with --direct (pages by plain TCP)
+MOVES = ("copy", "copy-direct", "lazy", "lazy-direct", "by-hand")
+LAZY_MOVES = ("lazy", "lazy-direct")
 WIRES = ("ssh", "tcp")  # the same bytes, with nothing but the wire
 BASELINE = "by-hand"
 WORKLOADS = ("idle", "touch")
 PAGES_PHASE = "pages (running)"  # lazy mode: the tool's phase from the restore to the target's last page
 PAGES_WIRE = "ssh"  # the pages go through OpenSSH: their time is set against its
-SCHEMA = 2  # 2: "pages", lazy mode's memory after the restore against the wire
+SCHEMA = 3  # 3: the -direct modes, "pages" rows per lazy mode; 2: "pages", lazy mode's memory after the restore
 
 
 @dataclass
@@ -116,6 +118,7 @@ class PagesRow:
 
     size_mib: int
     workload: str
+    mode: str
     n: int
     pages_s: float | None
     wire_s: float | None
@@ -123,15 +126,17 @@ class PagesRow:
 
 
 def summarize_pages(trials: Iterable[Trial]) -> list[PagesRow]:
-    """Median per (size, workload) of lazy moves' PAGES_PHASE, and of the PAGES_WIRE transfer."""
+    """Median per (size, workload, lazy mode) of PAGES_PHASE, and of the PAGES_WIRE transfer."""
     trials = [t for t in trials if t.error is None]
     rows = []
-    for size, workload in sorted({(t.size_mib, t.workload) for t in trials if t.mode == "lazy"}):
+    order = {m: i for i, m in enumerate(LAZY_MOVES)}
+    for size, workload, mode in sorted({(t.size_mib, t.workload, t.mode) for t in trials if t.mode in LAZY_MOVES},
+                                       key=lambda k: (k[0], k[1], order[k[2]])):
         pages = [t.detail.get("phases_s", {}).get(PAGES_PHASE) for t in trials
-                 if (t.size_mib, t.workload, t.mode) == (size, workload, "lazy")]
+                 if (t.size_mib, t.workload, t.mode) == (size, workload, mode)]
         pages_s = median(pages)
         wire_s = median(t.total_s for t in trials if (t.size_mib, t.mode) == (size, PAGES_WIRE))
-        rows.append(PagesRow(size, workload, sum(1 for p in pages if p is not None), pages_s, wire_s,
+        rows.append(PagesRow(size, workload, mode, sum(1 for p in pages if p is not None), pages_s, wire_s,
                              pages_s / wire_s if pages_s is not None and wire_s else None))
     return rows
 
@@ -163,8 +168,8 @@ def format_pages_table(rows: Sequence[PagesRow]) -> str:
     head = ["Lazy mode's memory after the restore (medians): pages s, from the restore until the target "
             f"had every page (the tool's \"{PAGES_PHASE}\" phase); {PAGES_WIRE} s, the same bytes through "
             f"{PAGES_WIRE} in this run; ratio: pages / {PAGES_WIRE}.", "",
-            f"| MiB | workload | n | pages s | {PAGES_WIRE} s | ratio |", "|---|---|---|---|---|---|"]
-    body = [f"| {r.size_mib} | {r.workload} | {r.n} | {_num(r.pages_s)} | {_num(r.wire_s)} | "
+            f"| MiB | workload | mode | n | pages s | {PAGES_WIRE} s | ratio |", "|---|---|---|---|---|---|---|"]
+    body = [f"| {r.size_mib} | {r.workload} | {r.mode} | {r.n} | {_num(r.pages_s)} | {_num(r.wire_s)} | "
             f"{_num(r.ratio, '{:.2f}x')} |" for r in rows]
     return "\n".join(head + body) + "\n"
 

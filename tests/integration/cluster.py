@@ -73,9 +73,9 @@ class Cluster:
         """`migrate NAME DST --mode MODE` run on SRC (the CLI always runs on the source)."""
         return self.nodes[src].run(name, dst, "--mode", mode, *args)
 
-    def move_json(self, src: str, name: str, dst: str, mode: str = "copy") -> dict:
+    def move_json(self, src: str, name: str, dst: str, *args: str, mode: str = "copy") -> dict:
         self.record(src, name)
-        r = self.move(src, name, dst, "--json", mode=mode)
+        r = self.move(src, name, dst, "--json", *args, mode=mode)
         assert r.rc == 0, str(r)
         stats = json.loads(r.out)
         assert stats["container"] == name and stats["target"] == dst and stats["mode"] == mode, stats
@@ -168,6 +168,12 @@ def set_host_command(hosts, name: str, argv: list[str]) -> None:
     assert list(hosts.spec(name).remote_command) == list(argv)
 
 
+def set_host_direct(hosts, name: str) -> None:
+    """[hosts.NAME] direct = true: memory goes to NAME by a direct TCP connection."""
+    _update_host(hosts, name, lambda t: t.update(direct=True))
+    assert hosts.spec(name).direct
+
+
 def _update_host(hosts, name: str, change) -> dict:
     config = tomllib.loads(hosts.tool_config.read_text())
     table = config.setdefault("hosts", {}).setdefault(name, {})
@@ -179,6 +185,8 @@ def _update_host(hosts, name: str, change) -> dict:
 def _toml(config: dict) -> str:
     """TOML for the shape of the tool config: [hosts."NAME"] tables of strings, lists, env tables."""
     def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
         if isinstance(v, str):
             return json.dumps(v)  # a JSON string is a TOML basic string
         if isinstance(v, list):

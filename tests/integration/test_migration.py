@@ -9,6 +9,7 @@ left in their cgroups is killed by PID before the hosts are torn down; what had 
 by force is a leak of the tool and fails the test.
 """
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -36,6 +37,7 @@ from cluster import (
     assert_counts_on,
     assert_no_migration_leftovers,
     assert_refused_and_unchanged,
+    set_host_direct,
     set_host_env,
     start_counter,
 )
@@ -415,6 +417,51 @@ def test_512_mib_keep_their_checksum(cluster, memhog_image, mode):
     assert checksums(text) == [original, original]
     assert b.container("big")["memory"] >= 512 << 20
     assert "big" not in a.ps()
+
+
+@pytest.mark.parametrize("mode", ["copy", "lazy"])
+def test_512_mib_by_a_direct_page_connection_keep_their_checksum_and_leave_no_port(cluster, memhog_image, mode):
+    """--direct: every page goes by plain TCP, the pages' byte count comes from that socket, and
+    the port the source listened on for it is closed once the agent has connected."""
+    c = cluster(2)
+    a, b = c["host-a"], c["host-b"]
+    original, _ = _run_memhog(a, memhog_image)
+    before = {h: _listening_ports(h) for h in (a, b)}
+    stats = c.move_json("host-a", "big", "host-b", "--direct", mode=mode)
+    _record_512(f"{mode}-direct", stats)
+    assert stats["page_link"] == "direct", stats
+    assert stats["bytes"]["pages"] >= 512 << 20, stats
+    assert {h: _listening_ports(h) for h in (a, b)} == before, "a TCP port stayed open"
+    os.kill(b.container("big")["pid"], signal.SIGUSR1)
+    text = b.wait_log("big", lambda t: len(checksums(t)) == 2, 60, "the checksum on host-b")
+    assert checksums(text) == [original, original]
+    assert "big" not in a.ps()
+
+
+@contextlib.contextmanager
+def _refusing_connections_but_ssh(host):
+    """HOST's network resets every new TCP connection to it but SSH's (nftables, in its namespace)."""
+    nft = ["nsenter", f"--target={host.sshd_pid}", "--net", "--", "nft"]
+    subprocess.run([*nft, "add table inet migtest; add chain inet migtest input { type filter hook input "
+                    "priority 0; policy accept; }; add rule inet migtest input tcp dport != 22 ct state new "
+                    "reject with tcp reset"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*nft, "delete table inet migtest"], check=False)
+
+
+def test_a_direct_page_connection_the_network_refuses_falls_back_to_ssh_and_says_so(two):
+    """The host's config asks for direct (`direct = true`), the source's network refuses it:
+    the pages go through SSH instead, before anything froze, and a note says why."""
+    set_host_direct(two.hosts, "host-b")
+    before = start_counter(two)
+    with _refusing_connections_but_ssh(two.hosts.hosts["host-a"]):
+        stats = two.move_json("host-a", "c1", "host-b", mode="lazy")
+    assert stats["page_link"] == "ssh", stats
+    assert any("no direct page connection" in n and "cannot reach" in n and "through SSH" in n
+               for n in stats["notes"]), stats
+    assert_counts_on(two, "host-b", "c1", before)
 
 
 def test_a_lazy_transfer_that_goes_silent_is_ended_and_the_source_resumes(cluster, memhog_image):

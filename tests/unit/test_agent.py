@@ -228,8 +228,8 @@ def warm(monkeypatch):
 
 
 @pytest.mark.parametrize("asked,free,lazy,held", [
-    (300 << 20, 8 << 30, True, (300 << 20, 1)), (600 << 20, 8 << 30, False, (600 << 20, 2)),
-    (300 << 20, 400 << 20, True, (200 << 20, 1)),
+    (300 << 20, 8 << 30, True, (300 << 20, 1)), (300 << 20, 8 << 30, False, (600 << 20, 2)),
+    (300 << 20, 400 << 20, True, (200 << 20, 1)), (300 << 20, 400 << 20, False, (200 << 20, 2)),
     (None, 8 << 30, True, None), ("lots", 8 << 30, True, None), (True, 8 << 30, True, None)])
 def test_preload_holds_the_memory_the_restore_will_fill_but_never_more_than_half_of_what_is_free(
         rt, agent, monkeypatch, warm, asked, free, lazy, held):

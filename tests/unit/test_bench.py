@@ -100,7 +100,7 @@ def test_table_names_the_machine_and_shows_each_row():
 def test_json_document_shape():
     doc = json.loads(json.dumps(document(_trials(), {"nproc": 2}, {"reps": 3})))
     assert set(doc) == {"schema", "machine", "settings", "trials", "medians", "pages"}
-    assert doc["schema"] == 2 and doc["machine"] == {"nproc": 2} and doc["settings"] == {"reps": 3}
+    assert doc["schema"] == 3 and doc["machine"] == {"nproc": 2} and doc["settings"] == {"reps": 3}
     assert len(doc["trials"]) == 17
     assert set(doc["trials"][0]) == {"size_mib", "mode", "rep", "workload", "pause_s", "downtime_s", "total_s",
                                      "bytes", "detail", "error"}
@@ -111,14 +111,19 @@ def test_json_document_shape():
 def test_lazy_pages_against_the_ssh_wire_of_the_same_size():
     trials = [*_trials(), Trial(64, "lazy", 4, "idle", error="lazy pages failed"),  # a failure does not count
               Trial(64, "lazy", 1, "touch", pause_s=0.3, detail={"phases_s": {"restore": 0.05}}),  # no pages phase
-              Trial(256, "lazy", 1, "idle", pause_s=0.3, detail={"phases_s": {"pages (running)": 2.0}})]
-    rows = {(r.size_mib, r.workload): r for r in summarize_pages(trials)}
-    idle = rows[(64, "idle")]  # pages 0.8, 1.6, 1.2 s against ssh 0.5, 1.0, 1.5 s
+              Trial(256, "lazy", 1, "idle", pause_s=0.3, detail={"phases_s": {"pages (running)": 2.0}}),
+              Trial(64, "lazy-direct", 1, "idle", pause_s=0.2, detail={"phases_s": {"pages (running)": 0.5}})]
+    rows = {(r.size_mib, r.workload, r.mode): r for r in summarize_pages(trials)}
+    idle = rows[(64, "idle", "lazy")]  # pages 0.8, 1.6, 1.2 s against ssh 0.5, 1.0, 1.5 s
     assert (idle.n, idle.pages_s, idle.wire_s) == (3, pytest.approx(1.2), 1.0)
     assert idle.ratio == pytest.approx(1.2)
-    assert (rows[(64, "touch")].n, rows[(64, "touch")].pages_s, rows[(64, "touch")].ratio) == (0, None, None)
-    assert (rows[(256, "idle")].wire_s, rows[(256, "idle")].ratio) == (None, None)  # no wire measured there
-    assert list(rows) == [(64, "idle"), (64, "touch"), (256, "idle")]
+    assert rows[(64, "idle", "lazy-direct")].ratio == pytest.approx(0.5)  # against the same ssh wire
+    touch = rows[(64, "touch", "lazy")]
+    assert (touch.n, touch.pages_s, touch.ratio) == (0, None, None)
+    assert (rows[(256, "idle", "lazy")].wire_s, rows[(256, "idle", "lazy")].ratio) == (None, None)  # no wire there
+    assert list(rows) == [(64, "idle", "lazy"), (64, "idle", "lazy-direct"), (64, "touch", "lazy"),
+                          (256, "idle", "lazy")]
     table = format_pages_table(summarize_pages(trials))
-    assert "| 64 | idle | 3 | 1.200 | 1.000 | 1.20x |" in table
-    assert "| 256 | idle | 1 | 2.000 | - | - |" in table
+    assert "| 64 | idle | lazy | 3 | 1.200 | 1.000 | 1.20x |" in table
+    assert "| 64 | idle | lazy-direct | 1 | 0.500 | 1.000 | 0.50x |" in table
+    assert "| 256 | idle | lazy | 1 | 2.000 | - | - |" in table

@@ -125,6 +125,14 @@ def test_a_refusal_by_one_target_tries_the_next():
     assert [c[:3] for c in fake.calls] == [["move", "c1", "host-b"], ["move", "c1", "host-c"]]
 
 
+def test_each_move_gets_the_drains_ssh_config_and_direct():
+    fake = FakeMigrate({})
+    d = _drain(_move("c1", "host-b"))
+    d.ssh_config, d.direct = "/etc/lab_ssh_config", True
+    drain.execute(d, fake)
+    assert fake.calls == [["move", "c1", "host-b", "--json", "--ssh-config", "/etc/lab_ssh_config", "--direct"]]
+
+
 def test_a_failure_that_is_not_the_target_s_stops_trying_and_others_go_on():
     fake = FakeMigrate({("c1", "host-b"): (4, "cannot migrate c1: it is exited")})
     d = _drain(_move("c1", "host-b", "host-c"), _move("c2", "host-c", "host-b"))

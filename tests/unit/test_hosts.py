@@ -177,6 +177,13 @@ def test_tool_config_tables(tmp_path):
     assert resolve_host("other", tool_config=tool).remote_argv("x") == ["migrate", "x"]
 
 
+def test_direct_is_per_host_and_off_unless_said(tmp_path):
+    tool = write(tmp_path / "t.toml", "[hosts.lab]\ndirect = true\n[hosts.far]\nroot = \"/r\"\n")
+    assert resolve_host("lab", tool_config=tool).direct
+    assert not resolve_host("far", tool_config=tool).direct
+    assert not resolve_host("elsewhere", tool_config=tool).direct
+
+
 def test_tool_config_via_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MIGRATE_CONFIG", str(write(tmp_path / "t.toml", '[hosts.h]\nroot = "/r"\n')))
     assert resolve_host("h").remote_root == "/r"
@@ -191,6 +198,7 @@ def test_tool_config_via_env(tmp_path, monkeypatch):
         ("[hosts.h]\ncommand = 3\n", "string or a list"),
         ('[hosts.h]\nenv = { "1BAD" = "x" }\n', "bad entry"),
         ("[hosts.h]\nenv = { A = 1 }\n", "bad entry"),
+        ('[hosts.h]\ndirect = "yes"\n', "direct must be true or false"),
         ('hosts = "x"\n', "must be a table"),
         ('[hosts]\nh = "x"\n', "must be a table"),
         ("[hosts.h\n", "cannot read"),

@@ -109,10 +109,15 @@ def test_checkpoint_restore_and_moves_back_and_forth(guests):
         a.ok("migrate restore t4")
         before = assert_counts_on(a, "t4", before)
         assert_in_its_scope(a, "t4")
-        hops = [(a, b, "copy"), (b, a, "lazy"), (a, b, "precopy"), (b, a, "auto")]
-        for src, dst, mode in hops:
-            r = src.migrate("t4", dst.name, "--mode", mode, timeout=600)
+        # and the pages by a direct TCP connection over the guests' LAN, CRIU 3.17 at both ends
+        hops = [(a, b, "copy", ()), (b, a, "lazy", ()), (a, b, "precopy", ()), (b, a, "auto", ()),
+                (a, b, "lazy", ("--direct",)), (b, a, "precopy", ("--direct",))]
+        for src, dst, mode, extra in hops:
+            r = src.migrate("t4", dst.name, "--mode", mode, *extra, timeout=600)
             assert r.returncode == 0, f"{src.name} -> {dst.name} ({mode}): {r.stdout}{r.stderr}"
+            if extra:
+                assert "plain TCP, unencrypted" in r.stdout + r.stderr, r
+                assert "no direct page connection" not in r.stdout + r.stderr, r
             if mode in ("precopy", "auto"):
                 assert "pre-copy: " in r.stdout + r.stderr and "round(s) of" in r.stdout + r.stderr, r
             if mode == "auto":
