@@ -32,7 +32,8 @@ STEPS = (
          "page server on the target, while the container runs",
          False, "source", "the target's page server and rounds go with its incoming folder"),
     Step("page connection", "a socket between the two hosts' CRIUs through the SSH connection (unix sockets only "
-         "root can reach at both ends, no TCP port): in copy and pre-copy mode a page server on the target takes "
+         "root can reach at both ends, no TCP port), or with `--direct` a TCP connection the target's agent makes "
+         "to the source, which keeps it only if it brings the migration's one-time token: in copy and pre-copy mode a page server on the target takes "
          "the memory as the final dump writes it; in lazy mode the target keeps it for its lazy-pages daemon",
          False, "source", "the connection is closed; a page server goes with the incoming folder"),
     Step("checkpoint", "CRIU dumps the container, its memory straight to the target (but in lazy mode); from "

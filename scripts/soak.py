@@ -1,5 +1,6 @@
 """The soak behind ./scripts/soak N: N live migrations back and forth between two local test
-hosts of a container that checks its own memory against its own file, with random faults
+hosts of a container that checks its own memory against its own file (copy or lazy mode, the
+pages through SSH or by --direct, at random), with random faults
 (MIGRATE_FAULTS: the controller or the agent SIGKILLed at a step, the connection cut, an agent
 that stops answering) injected into about half of them, `migrate recover` on both hosts after
 each. Counts losses (the counter restarted, skipped, or the container gone), duplicates (it
@@ -24,6 +25,7 @@ from runtime.paths import StateRoot
 
 MIGRATE = [sys.executable, "-m", "migrate.cli"]
 NAME = "soak1"
+MODES = ("copy", "lazy", "copy-direct", "lazy-direct")  # -direct: with --direct (pages by plain TCP)
 # its memory (i) must always equal its file (/state): a restore that brought back one without
 # the other, or two copies writing the same file, shows as CHECK lines; ticks show losses
 WORKLOAD = ('i=0; while true; do j=$(cat /state 2>/dev/null || echo 0); '
@@ -94,7 +96,8 @@ class Soak:
             else:
                 self.set_target_faults(dst, name)
         try:
-            r = self.cli(src, NAME, dst, "--mode", mode, env=env)
+            base, _, direct = mode.partition("-")
+            r = self.cli(src, NAME, dst, "--mode", base, *(["--direct"] if direct else []), env=env)
         finally:
             self.set_target_faults(dst, "")
         deadline = time.monotonic() + 90
@@ -215,8 +218,8 @@ def main() -> int:
         here = "host-a"
         for i in range(1, a.n + 1):
             there = "host-b" if here == "host-a" else "host-a"
-            mode = rng.choice(("copy", "lazy"))
-            fault = rng.choice(faults_for(mode)) if rng.random() < a.fault_rate else None
+            mode = rng.choice(MODES)
+            fault = rng.choice(faults_for(mode.partition("-")[0])) if rng.random() < a.fault_rate else None
             here = soak.one(i, here, there, mode, fault)
             if i % 10 == 0 or i == a.n:
                 print(f"soak: {i}/{a.n} done, {time.monotonic() - started:.0f} s, " +

@@ -1,6 +1,7 @@
 """Crash anything anywhere: the controller SIGKILLed at the start of every step of a migration,
 the agent SIGKILLed at every step, the connection cut there (the agent's sshd session killed),
-in copy and in lazy mode. Then `migrate recover` on both hosts. Every time the container runs
+in copy and in lazy mode (and, at the steps a direct page connection lives through, with
+`--direct`). Then `migrate recover` on both hosts. Every time the container runs
 on exactly one host, its counter continues with no restart, and nothing is left behind (the
 fixtures check processes, mounts, cgroups and folders)."""
 
@@ -16,16 +17,18 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 TARGET_STEPS = ("prepare", "layers", "preload", "page connection", "final sync", "restore", "memory pages", "commit")
 ONLY_IN = {"memory pages": "lazy"}
+DIRECT_STEPS = ("page connection", "checkpoint", "final sync", "restore", "memory pages")
 
 
 def _cases():
     # pre-copy needs soft-dirty tracking, which this machine's kernel lacks: tests/vm has it
-    for mode in ("copy", "lazy"):
+    for mode in ("copy", "lazy", "copy-direct", "lazy-direct"):
+        base, _, direct = mode.partition("-")
         for step in (s.name for s in STEPS if s.name != "pre-copy"):
-            if ONLY_IN.get(step, mode) == mode:
+            if ONLY_IN.get(step, base) == base and (not direct or step in DIRECT_STEPS):
                 yield pytest.param(mode, "source", step, "kill", id=f"{mode}-controller-killed-at-{step}")
         for step in TARGET_STEPS:
-            if ONLY_IN.get(step, mode) == mode:
+            if ONLY_IN.get(step, base) == base and (not direct or step in DIRECT_STEPS):
                 for how in ("kill", "kill-parent"):
                     what = "agent-killed" if how == "kill" else "connection-cut"
                     yield pytest.param(mode, "target", step, how, id=f"{mode}-{what}-at-{step}")
@@ -40,13 +43,15 @@ def test_one_copy_after_a_crash_at_any_step(two, mode, side, step, how):
     a, b = two["host-a"], two["host-b"]
     before = start_counter(two)
     fault = _fault(side, step, how)
+    mode, _, direct = mode.partition("-")
+    move = ("c1", "host-b", "--mode", mode, *(["--direct"] if direct else []))
     if side == "source":
-        r = a.run("c1", "host-b", "--mode", mode, env={"MIGRATE_FAULTS": fault})
+        r = a.run(*move, env={"MIGRATE_FAULTS": fault})
         assert r.rc == -9, str(r)
         moved = step == "cleanup"  # the target had committed
     else:
         set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": fault})
-        r = a.run("c1", "host-b", "--mode", mode)
+        r = a.run(*move)
         set_host_env(two.hosts, "host-b", {"MIGRATE_FAULTS": ""})
         # a cut at the commit races the agent's decision: either outcome, told truly, is right
         moved = r.rc == 0 and step == "commit" and how == "kill-parent"

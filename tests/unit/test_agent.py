@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -314,6 +315,38 @@ def test_a_failed_criu_step_here_names_a_kept_log(rt, agent):
                                 f"(CRIU log: {kept})"
     agent.abort()
     assert not log.exists() and kept.read_text() == "(00.1) Error (criu/uffd.c:1): page-read failed\n"
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_the_lazy_page_link_is_held_and_uncorked_until_the_daemon_is_done_then_closed(rt, agent, monkeypatch, status):
+    """The agent's end of a direct page connection stays open from the restore to the end of
+    wait_pages (so CRIU's cork can be lifted: pagelink.Uncorker), and is closed then, whatever
+    the daemon's outcome: the source's page server must see the connection end."""
+    held = []
+
+    class Daemon(FailedPages):
+        def wait(self, _timeout: float, _stall: float) -> int:
+            held.append((agent.pending.page_link.fileno() >= 0, agent.pending.uncorker is not None))
+            return status
+
+    monkeypatch.setattr(agent_module, "Criu", lambda: SimpleNamespace(lazy_pages=lambda _images, _fd: Daemon(log)))
+    monkeypatch.setattr(agent_module.Snapshots, "restore_dir", lambda _self, *args, **kw: SimpleNamespace(pid=1))
+    prep = prepare_with_layers(agent, ())
+    log = Path(prep["incoming"]) / "images" / "lazy-pages.log"
+    here, there = socket.socketpair()
+    agent.pending.page_link, agent.pending.received = there, True
+    agent.handle({"op": "restore", "name": "c1", "lazy": True})
+    assert agent.pending.page_link is there and agent.pending.uncorker is not None
+    if status == 0:
+        agent.handle({"op": "wait_pages", "name": "c1"})
+    else:
+        with pytest.raises(CriuError):
+            agent.handle({"op": "wait_pages", "name": "c1"})
+    assert held == [(True, True)]
+    assert there.fileno() == -1 and agent.pending.page_link is None and agent.pending.uncorker is None
+    here.settimeout(5)
+    assert here.recv(1) == b""  # the other end sees it closed
+    here.close()
 
 
 class FakeProcess:

@@ -67,6 +67,23 @@ def test_intruders_that_connect_first_are_closed_and_none_holds_up_the_agent(fro
             s.close()
 
 
+def test_a_flood_of_silent_connections_holds_only_so_many_and_the_agent_still_gets_in(from_loopback, monkeypatch):
+    monkeypatch.setattr(pagelink, "MAX_WAITING", 3)
+    there, flood = [], []
+
+    def flood_then_agent(port, token):
+        flood.extend(socket.create_connection(("127.0.0.1", port)) for _ in range(7))
+        agent_connects(there)(port, token)
+
+    here = pagelink.direct("127.0.0.1", flood_then_agent)
+    with here, there[0]:
+        assert here.getpeername() == there[0].getsockname()
+    for s in flood:  # all closed: the oldest to make room, the rest at the end
+        s.settimeout(5)
+        assert s.recv(1) == b""
+        s.close()
+
+
 def test_no_connection_with_the_token_in_time_fails_and_closes_the_others(monkeypatch):
     monkeypatch.setattr(pagelink, "TOKEN_TIMEOUT", 0.5)
     wrong = []
