@@ -282,7 +282,8 @@ class Migration:
             with self._step("page connection"):
                 pages = self._connect_pages(agent, rsync, incoming, "page_server", folder="images")
         try:
-            with pagelink.Uncorker(pages):
+            # a lazy dump's page server has its last word after the restore: uncorked from then on
+            with pagelink.Uncorker(pages if self.stats.mode != "lazy" else None):
                 self._checkpoint(agent, rsync, rec, cdir, outgoing, incoming, pages, parent)
         finally:
             if pages is not None:
@@ -600,7 +601,7 @@ class Migration:
                 self.restore_asked = True
                 agent.call("restore", name=self.name, lazy=True, timeout=self._left())
             self.stats.downtime = time.monotonic() - self.freeze_started
-            with self._step("memory pages"), self.stats.phase("pages (running)"):
+            with self._step("memory pages"), self.stats.phase("pages (running)"), pagelink.Uncorker(pages):
                 self._wait_pages(agent, moved)
             self._commit(agent, rec)
         except BaseException as e:
