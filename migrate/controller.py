@@ -357,7 +357,7 @@ class Migration:
     def _pages_sent(self, rsync: Rsync, pages: socket.socket) -> Callable[[], int]:
         """Bytes sent on the page connection from now on: a direct one's own count, else what the
         SSH connection's ssh process has read (the pages are all it carries meanwhile)."""
-        if self.stats.page_link == "direct":
+        if pages.family != socket.AF_UNIX:  # a direct connection
             def count() -> int | None:
                 return pagelink.bytes_sent(pages)
         else:
