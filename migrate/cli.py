@@ -13,6 +13,7 @@ from runtime import criulogs
 from runtime.container import RunRequest, Runtime
 from runtime.errors import InDoubt, InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
+from runtime.paths import INTERNAL_ERRORS, StateRoot
 from runtime.reconcile import unsupervised
 from runtime.snapshots import Snapshots
 from runtime.spec import DRAIN_POLICIES, Schedule, parse_duration, parse_size, validate_name
@@ -525,9 +526,30 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
         if os.environ.get("MIGRATE_DEBUG"):
             traceback.print_exc()
-        output.err.print(f"migrate: internal error: {type(e).__name__}: {output.printable(str(e))} "
-                         "(set MIGRATE_DEBUG=1 for details)", markup=False)
+        kept = _keep_traceback(sys.argv[1:] if argv is None else argv)
+        where = f"the traceback is in {kept}" if kept else "set MIGRATE_DEBUG=1 for details"
+        output.err.print(f"migrate: internal error: {type(e).__name__}: {output.printable(str(e))} ({where})",
+                         markup=False)
         return 1
+
+
+def _keep_traceback(argv: list[str]) -> Path | None:
+    """An internal error is a bug, and often one of a rare moment: its traceback is appended to
+    INTERNAL_ERRORS in the state root (the newest ~1 MB), so it can be reported after the fact."""
+    path = StateRoot.from_env().root / INTERNAL_ERRORS
+    try:
+        if path.stat().st_size > 1 << 20:
+            path.replace(path.with_name(path.name + ".old"))
+    except OSError:
+        pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: migrate "
+                    f"{' '.join(argv)}\n{traceback.format_exc()}")
+        return path
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -139,11 +139,10 @@ class Cgroups:
     def _wait_gone(scope: Path, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while scope.exists():
-            try:
-                populated = "populated 1" in (scope / "cgroup.events").read_text()
-            except FileNotFoundError:
+            events = _read(scope / "cgroup.events")
+            if events is None:
                 return
-            if populated:
+            if "populated 1" in events:
                 pids = sorted(_procs_below(scope))[:5]
                 raise Conflict(f"systemd unit {scope.name} of an earlier run still has processes "
                                f"({', '.join(map(str, pids))}): stop it with `systemctl stop {scope.name}`")
@@ -230,10 +229,7 @@ class Cgroups:
     def pids(self) -> set[int]:
         found: set[int] = set()
         for path in self.paths.values():
-            try:
-                found.update(int(p) for p in Path(path, "cgroup.procs").read_text().split())
-            except FileNotFoundError:
-                pass
+            found.update(int(p) for p in (_read(Path(path, "cgroup.procs")) or "").split())
         return found
 
     def kill(self) -> None:
@@ -251,15 +247,16 @@ class Cgroups:
             for pid in self.pids():
                 linux.send_signal(pid, signal.SIGSTOP)
             return
-        try:
-            Path(unified, "cgroup.freeze").write_text("1")
-            deadline = time.monotonic() + timeout
-            while wait and "frozen 1" not in Path(unified, "cgroup.events").read_text().splitlines():
-                if time.monotonic() > deadline:
-                    raise MigrateError(f"the processes of {unified} did not freeze within {timeout} s")
-                time.sleep(0.02)
-        except FileNotFoundError:
-            pass  # the cgroup is gone, and with it every process it held
+        if not _write(Path(unified, "cgroup.freeze"), "1"):
+            return  # the cgroup is gone, and with it every process it held
+        deadline = time.monotonic() + timeout
+        while wait:
+            events = _read(Path(unified, "cgroup.events"))
+            if events is None or "frozen 1" in events.splitlines():
+                return
+            if time.monotonic() > deadline:
+                raise MigrateError(f"the processes of {unified} did not freeze within {timeout} s")
+            time.sleep(0.02)
 
     def thaw(self) -> None:
         unified = self.paths.get("unified")
@@ -267,15 +264,13 @@ class Cgroups:
             for pid in self.pids():
                 linux.send_signal(pid, signal.SIGCONT)
             return
-        with contextlib.suppress(FileNotFoundError):  # removed already: nothing is held there
-            Path(unified, "cgroup.freeze").write_text("0")
+        _write(Path(unified, "cgroup.freeze"), "0")  # if removed already, nothing is held there
 
     def memory_usage(self) -> int | None:
         for key, filename in (("memory", "memory.usage_in_bytes"), ("unified", "memory.current")):
-            try:
-                return int(Path(self.paths[key], filename).read_text())
-            except (KeyError, FileNotFoundError, ValueError):
-                continue
+            text = _read(Path(self.paths[key], filename)) if key in self.paths else None
+            with contextlib.suppress(TypeError, ValueError):
+                return int(text)
         return None
 
     def remove(self, timeout: float = 10.0) -> None:
@@ -302,6 +297,33 @@ class Cgroups:
 
     def exists(self) -> bool:
         return any(os.path.isdir(p) for p in self.paths.values())
+
+
+def _gone(e: OSError) -> bool:
+    """A cgroup removed meanwhile (by its shim, or another command): ENOENT when its file is
+    opened after the rmdir, ENODEV when it was opened just before and is read or written after."""
+    return e.errno in (errno.ENOENT, errno.ENODEV)
+
+
+def _read(path: Path) -> str | None:
+    """A cgroup file's text, None if its cgroup is gone."""
+    try:
+        return path.read_text()
+    except OSError as e:
+        if _gone(e):
+            return None
+        raise
+
+
+def _write(path: Path, value: str) -> bool:
+    """Write a cgroup file; False if its cgroup is gone."""
+    try:
+        path.write_text(value)
+        return True
+    except OSError as e:
+        if _gone(e):
+            return False
+        raise
 
 
 def _procs_below(folder: Path) -> set[int]:

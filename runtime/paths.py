@@ -14,6 +14,7 @@ SNAPSHOT_META = "snapshot.json"  # in a published snapshot: its catalog row, so 
 CHECKPOINT_META = "checkpoint.json"  # in every dump: how it was made (lazy or not), the stdio it had
 STDIO_PIPES = "stdio.json"  # in a container's folder: its stdout and stderr pipes, as its shim made them
 DUMP_SYNCED = "synced"  # in an in-doubt migration's complete dump: its files are on disk
+INTERNAL_ERRORS = "internal-errors.log"  # in the root: tracebacks of the CLI's internal errors (bugs)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from runtime import linux
 from runtime.cgroups import Cgroups
 from runtime.linux import proc_gone, proc_identity  # noqa: F401 - the tests import them from here
-from runtime.paths import StateRoot
+from runtime.paths import INTERNAL_ERRORS, StateRoot
 
 CLI_TIMEOUT = 120.0  # no single CLI call in these tests may take longer
 BUSYBOX = Path("/bin/busybox")
@@ -119,7 +119,8 @@ class MigrateHost:
         """On failure, what the shims said and the ends of the CRIU logs kept from failed
         dumps and restores: they rarely reach the CLI's one-line error."""
         parts = []
-        for pattern, keep in (("containers/*/shim.log", 3000), ("criu-logs/*.log", 4000)):
+        for pattern, keep in (("containers/*/shim.log", 3000), ("criu-logs/*.log", 4000),
+                              (INTERNAL_ERRORS, 6000)):
             for log in sorted(self.root.glob(pattern)):
                 text = log.read_text(errors="replace").strip()
                 if text:
@@ -258,6 +259,9 @@ class MigrateHost:
             except subprocess.TimeoutExpired:
                 leaks.append(f"`migrate rm -f {name}` timed out")
         leaks += self._kill_leftovers()
+        errors = self.root / INTERNAL_ERRORS
+        if errors.exists():  # the CLI said "internal error" (a bug), whatever the test expected
+            leaks.append(f"internal errors, kept in {errors}:\n{errors.read_text()[-4000:]}")
         for point in linux.mounts_under(str(self.root)):
             leaks.append(f"mount left behind: {point}")
             try:

@@ -1,5 +1,6 @@
 """Container lifecycle through the real `migrate` CLI: images, run, ps, logs, exec, stop, rm, limits."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -222,6 +223,46 @@ def test_a_containers_cgroups_are_the_tools_own_not_its_callers(bb):
                     linux.send_signal(int(pid), signal.SIGKILL)
                 wait_until(lambda p=p: not (p / "cgroup.procs").read_text(), 10, "the session cgroup to empty")
                 p.rmdir()
+
+
+def test_a_cgroup_removed_while_a_command_reads_it_is_gone_not_an_error():
+    """`ps`, `rm` or a reconcile look at a container's cgroups while its shim may be removing
+    them: a file opened just before the rmdir fails with ENODEV (seen: `ps` died of it), and
+    that is read as "gone", like a folder that is missing."""
+    import multiprocessing
+
+    from runtime.cgroups import HostCgroups
+
+    top = HostCgroups.of_this_host().v2
+    if top is None:
+        pytest.skip("no cgroup2 hierarchy here")
+    folder = Path(top, f"removed-test-{os.getpid()}")
+
+    def churn(stop) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                folder.mkdir()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    stop = multiprocessing.Event()
+    churner = multiprocessing.Process(target=churn, args=(stop,))
+    churner.start()
+    cgroups = Cgroups({"unified": str(folder)})
+    calls, deadline = 0, time.monotonic() + 1.5
+    try:
+        while time.monotonic() < deadline:
+            assert cgroups.pids() == set()
+            assert cgroups.memory_usage() in (None, 0)
+            cgroups.freeze()
+            cgroups.thaw()
+            calls += 1
+    finally:
+        stop.set()
+        churner.join(10)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    assert calls > 100
 
 
 def test_a_full_disk_costs_output_not_the_container(host, busybox_archives):
