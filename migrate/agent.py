@@ -487,9 +487,10 @@ def _end_transfer(p: _Pending) -> None:
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> int:
-    """Answer requests until EOF, or until the controller has been silent past the heartbeat's
-    limit (once hello agreed on one); an uncommitted migration is undone on the way out. Each
-    answer carries its request's id; a request longer than MAX_LINE ends the session."""
+    """Answer requests until EOF, until an answer cannot be written (the controller is gone), or
+    until the controller has been silent past the heartbeat's limit (once hello agreed on one);
+    an uncommitted migration is undone on the way out. Each answer carries its request's id; a
+    request longer than MAX_LINE ends the session."""
     rt = Runtime()
     agent = Agent(rt)
     requests = _Requests(inp)
@@ -508,7 +509,13 @@ def serve(inp=sys.stdin, out=sys.stdout) -> int:
             if len(line) > MAX_LINE:
                 send.answer({"ok": False, "exit_code": 2, "error": f"a request longer than {MAX_LINE} bytes: refused"})
                 return 2
-            send.answer(_answer(agent, line))
+            try:
+                send.answer(_answer(agent, line))
+            except OSError as e:  # EPIPE, ECONNRESET: the controller, or its connection, is gone
+                linux.detach(out)
+                print(f"migrate agent: the controller's connection is gone ({e.strerror or e}): "
+                      "undoing what it left uncommitted", file=sys.stderr)
+                return 3
             if heartbeat is None and agent.heartbeat_agreed:
                 heartbeat = Heartbeat(send.line)
     finally:

@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from runtime import criulogs
+from runtime import criulogs, linux
 from runtime.container import RunRequest, Runtime
 from runtime.errors import InDoubt, InvalidInput, MigrateError, NotFound
 from runtime.image_catalog import Images
@@ -507,26 +507,28 @@ def main(argv: list[str] | None = None) -> int:
     # begun is rolled back on the way out (a migration resumes its source, the agent undoes)
     for sig in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, _interrupted)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = _parser().parse_args(_with_default_verb(sys.argv[1:] if argv is None else argv))
-    except MigrateError as e:  # raised by a type= converter such as parse_size
-        output.print_error(str(e))
-        return e.exit_code
-    if os.geteuid() != 0 and args.verb not in (None,):
-        output.err.print("migrate: error: must run as root (namespaces, mounts and CRIU need it)")
-        return 2
-    try:
+        args = _parser().parse_args(_with_default_verb(argv))
+        if os.geteuid() != 0 and args.verb is not None:
+            output.err.print("migrate: error: must run as root (namespaces, mounts and CRIU need it)")
+            return 2
         return dispatch(args)
-    except MigrateError as e:
+    except MigrateError as e:  # (also raised by a type= converter such as parse_size)
         output.print_error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         output.err.print("migrate: interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+        gone = [s for s in (sys.stdout, sys.stderr) if isinstance(e, BrokenPipeError) and linux.reader_gone(s)]
+        if gone:
+            for stream in gone:
+                linux.detach(stream)
+            return 141  # as a tool that SIGPIPE ended: its reader stopped reading (`migrate ps | head`)
         if os.environ.get("MIGRATE_DEBUG"):
             traceback.print_exc()
-        kept = _keep_traceback(sys.argv[1:] if argv is None else argv)
+        kept = _keep_traceback(argv)
         where = f"the traceback is in {kept}" if kept else "set MIGRATE_DEBUG=1 for details"
         output.err.print(f"migrate: internal error: {type(e).__name__}: {output.printable(str(e))} ({where})",
                          markup=False)

@@ -1,6 +1,8 @@
 """How results reach the user: rich tables for people, JSON for scripts."""
 
+import errno
 import json
+import os
 import re
 import sys
 import time
@@ -10,8 +12,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich's own answer (SystemExit(1) wherever the print was) is replaced by the error
+        itself: the CLI tells a reader that stopped reading (`migrate ps | head`) from a bug."""
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+out = _Console(highlight=False, soft_wrap=True)
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Terminal escapes whole (CSI, OSC, DCS/SOS/PM/APC strings, two-byte ESC sequences, 8-bit CSI/OSC),
 # then any other C0 or C1 control but tab and newline. rich strips only a few of them (REVIEW S7).

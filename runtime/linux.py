@@ -3,9 +3,11 @@
 Raising OSError with errno like the os module does keeps callers uniform.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import stat
 import struct
@@ -204,6 +206,29 @@ def mounts_under(prefix: str) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return sorted(found, key=len, reverse=True)
+
+
+def reader_gone(stream) -> bool:
+    """Whether STREAM (a pipe or socket) has nobody left to read it: `migrate ps | head` after
+    head exited, or an agent whose controller's connection was cut."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def detach(stream) -> None:
+    """Point STREAM's descriptor at /dev/null once its reader is gone: what is still buffered
+    for it must not fail again when the interpreter flushes it at exit."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.dup2(null, stream.fileno())
+    os.close(null)
 
 
 def fsync_tree(path: str | os.PathLike) -> None:

@@ -4,10 +4,11 @@ import gzip
 import io
 import os
 import shutil
+import subprocess
 import tarfile
 
 import pytest
-from clihost import COUNTER, IMAGE, proc_gone, proc_identity
+from clihost import COUNTER, IMAGE, _cli, proc_gone, proc_identity
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -168,3 +169,18 @@ def test_a_missing_criu_fails_the_restore_and_nothing_is_half_restored(c1):
     assert_unchanged(c1, before)
     c1.ok("restore", "c1")
     assert c1.container("c1")["state"] == "running"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["ps"], ["ps", "--json"], ["image", "ls"], ["snapshots", "c1"]])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(shared, argv):
+    """`migrate ps | head`: once the reader is gone the command ends as a tool that SIGPIPE
+    ended (141), with nothing on stderr and no internal error kept."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*_cli(), *argv], env=shared.env, cwd=shared.work, stdin=subprocess.DEVNULL,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+    assert not (shared.root / "internal-errors.log").exists()

@@ -395,6 +395,26 @@ def test_the_agent_echoes_ids_and_refuses_what_is_not_a_request(rt, monkeypatch)
     assert out.getvalue().count("\n") == 1 and "longer than 100 bytes" in out.getvalue()
 
 
+def test_an_answer_the_controller_can_no_longer_take_ends_the_session_and_undoes(rt, monkeypatch, capfd):
+    """A cut connection shows first as an answer that cannot be written (EPIPE): the agent
+    says so, undoes what is uncommitted and ends; nothing is left to fail again at exit."""
+    monkeypatch.setattr(agent_module, "Runtime", lambda: rt)
+    monkeypatch.setattr(rt, "close", lambda: None)
+    undone = []
+    monkeypatch.setattr(Agent, "abort", lambda self: undone.append(True))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    out = os.fdopen(write_end, "w")
+    try:
+        assert agent_module.serve(io.StringIO('{"id": 1, "op": "hello"}\n{"id": 2, "op": "hello"}\n'), out) == 3
+        out.write("still buffered\n")
+        out.flush()  # now to /dev/null
+    finally:
+        out.close()
+    assert undone == [True]
+    assert "the controller's connection is gone (Broken pipe)" in capfd.readouterr().err
+
+
 def test_a_line_beyond_the_limit_is_cut_not_kept(monkeypatch):
     from migrate import ssh
 
