@@ -209,8 +209,8 @@ def mounts_under(prefix: str) -> list[str]:
 
 
 def reader_gone(stream) -> bool:
-    """Whether STREAM (a pipe or socket) has nobody left to read it: `migrate ps | head` after
-    head exited, or an agent whose controller's connection was cut."""
+    """Whether STREAM (a pipe or socket) has nobody left to read it, as `migrate ps | head`'s
+    standard output once head has exited."""
     try:
         poll = select.poll()
         poll.register(stream.fileno(), select.POLLOUT)

@@ -5,7 +5,8 @@ pages through SSH or by --direct, at random), with random faults
 that stops answering) injected into about half of them, `migrate recover` on both hosts after
 each. Counts losses (the counter restarted, skipped, or the container gone), duplicates (it
 runs on both hosts, or its file disagrees with its memory) and leaks (processes, mounts,
-folders left behind); exits 1 if there is any."""
+folders left behind) and internal errors (bugs the CLI or an agent met, from each host's
+internal-errors.log); exits 1 if there is any."""
 
 import argparse
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 from migrate.steps import STEPS
 from migrate.testhosts import TestHosts
 from runtime.imagebuild import build_image, busybox_layer
-from runtime.paths import StateRoot
+from runtime.paths import INTERNAL_ERRORS, StateRoot
 
 MIGRATE = [sys.executable, "-m", "migrate.cli"]
 NAME = "soak1"
@@ -53,7 +54,7 @@ class Soak:
     def __init__(self, hosts: TestHosts):
         self.hosts = hosts
         self.counts = {"migrations": 0, "moved": 0, "rolled back": 0, "faults injected": 0,
-                       "losses": 0, "duplicates": 0, "leaks": 0}
+                       "losses": 0, "duplicates": 0, "leaks": 0, "internal errors": 0}
         self.problems: list[str] = []
 
     def cli(self, host: str, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -124,6 +125,7 @@ class Soak:
         self.counts["moved" if here == dst else "rolled back"] += 1
         self.check_workload(what, here)
         self.check_leaks(what, here, other)
+        self.check_internal_errors(what, (src, dst))
         return here
 
     def check_workload(self, what: str, host: str) -> None:
@@ -154,6 +156,16 @@ class Soak:
             time.sleep(0.5)
         for leak in found:
             self.problem("leaks", f"{what}: {leak}")
+
+    def check_internal_errors(self, what: str, hosts: tuple[str, ...]) -> None:
+        """Each internal error is counted once: its log is read and removed."""
+        for host in hosts:
+            log = self.hosts[host].root / INTERNAL_ERRORS
+            if log.exists():
+                text = log.read_text(errors="replace")
+                log.unlink()
+                for entry in text.split("\n--- "):
+                    self.problem("internal errors", f"{what}: {host}: {entry.strip()[-600:]}")
 
     def leftovers(self, host: str, shims: int) -> list[str]:
         root = self.hosts[host].root
@@ -227,7 +239,7 @@ def main() -> int:
         soak.cli(here, "rm", "-f", NAME)
     print("\n".join(f"{k:>16}: {v}" for k, v in soak.counts.items()))
     print(f"{'seconds':>16}: {time.monotonic() - started:.0f}")
-    bad = soak.counts["losses"] + soak.counts["duplicates"] + soak.counts["leaks"]
+    bad = sum(soak.counts[k] for k in ("losses", "duplicates", "leaks", "internal errors"))
     for p in soak.problems:
         print(f"soak: {p}", file=sys.stderr)
     return 1 if bad else 0
