@@ -5,8 +5,9 @@ pages through SSH or by --direct, at random), with random faults
 that stops answering) injected into about half of them, `migrate recover` on both hosts after
 each. Counts losses (the counter restarted, skipped, or the container gone), duplicates (it
 runs on both hosts, or its file disagrees with its memory) and leaks (processes, mounts,
-folders left behind) and internal errors (bugs the CLI or an agent met, from each host's
-internal-errors.log); exits 1 if there is any."""
+folders left behind), internal errors (bugs the CLI or an agent met, from each host's
+internal-errors.log) and failures of `migrate ps`, which a watcher runs on both hosts all
+through each migration, as a user watching it would; exits 1 if there is any."""
 
 import argparse
 import json
@@ -16,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +56,7 @@ class Soak:
     def __init__(self, hosts: TestHosts):
         self.hosts = hosts
         self.counts = {"migrations": 0, "moved": 0, "rolled back": 0, "faults injected": 0,
-                       "losses": 0, "duplicates": 0, "leaks": 0, "internal errors": 0}
+                       "losses": 0, "duplicates": 0, "leaks": 0, "internal errors": 0, "watch failures": 0}
         self.problems: list[str] = []
 
     def cli(self, host: str, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -98,7 +100,8 @@ class Soak:
                 self.set_target_faults(dst, name)
         try:
             base, _, direct = mode.partition("-")
-            r = self.cli(src, NAME, dst, "--mode", base, *(["--direct"] if direct else []), env=env)
+            with Watcher(self, (src, dst)):
+                r = self.cli(src, NAME, dst, "--mode", base, *(["--direct"] if direct else []), env=env)
         finally:
             self.set_target_faults(dst, "")
         deadline = time.monotonic() + 90
@@ -179,6 +182,37 @@ class Soak:
         return found
 
 
+class Watcher:
+    """A user watching `migrate ps` on both hosts while a migration runs: each call runs every
+    host's reconcile beside the live operation, and must answer (a failure is counted)."""
+
+    def __init__(self, soak: Soak, hosts: tuple[str, ...]):
+        self.soak, self.hosts = soak, hosts
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="ps-watcher", daemon=True)
+
+    def __enter__(self) -> "Watcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(120)
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            for host in self.hosts:
+                try:
+                    r = self.soak.cli(host, "ps", "--json", timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.soak.problem("watch failures", f"`migrate ps` on {host} did not answer within 60 s")
+                    continue
+                if r.returncode != 0:
+                    self.soak.problem("watch failures", f"`migrate ps` on {host} during a migration: "
+                                                        f"rc {r.returncode}: {r.stderr.strip()[-300:]}")
+            self.stop.wait(0.1)
+
+
 def _procs_with_root(root: Path) -> list[str]:
     """Processes of the tool (shims, agents, CRIU) with this MIGRATE_ROOT, but the shim's own
     CRIU-free tree: what should be there is exactly one shim where the container runs."""
@@ -239,7 +273,7 @@ def main() -> int:
         soak.cli(here, "rm", "-f", NAME)
     print("\n".join(f"{k:>16}: {v}" for k, v in soak.counts.items()))
     print(f"{'seconds':>16}: {time.monotonic() - started:.0f}")
-    bad = sum(soak.counts[k] for k in ("losses", "duplicates", "leaks", "internal errors"))
+    bad = sum(soak.counts[k] for k in ("losses", "duplicates", "leaks", "internal errors", "watch failures"))
     for p in soak.problems:
         print(f"soak: {p}", file=sys.stderr)
     return 1 if bad else 0
