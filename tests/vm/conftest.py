@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from guests import REPO, VMHOSTS, Guest, boot_and_install, shut_down
+from guests import GUEST_ROOT, REPO, VMHOSTS, Guest, boot_and_install, shut_down
 
 from runtime.imagebuild import build_image, busybox_layer
+from runtime.paths import INTERNAL_ERRORS
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -50,3 +51,17 @@ def guests(tmp_path_factory):
         if os.environ.get("MIGRATE_VM_KEEP") != "1":  # kept up, the next run reuses them (setup is quick then)
             shut_down()
         shutil.rmtree(src, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_internal_errors(request):
+    """As on the namespaced hosts: a test after which a guest logged an internal error (a bug of
+    the tool, whatever the test asserted) fails, with the traceback; the log is taken away."""
+    yield
+    if "guests" not in request.fixturenames:
+        return
+    log = f"{GUEST_ROOT}/{INTERNAL_ERRORS}"
+    found = {name: r.stdout for name, guest in request.getfixturevalue("guests").items()
+             if (r := guest.sh(f"cat {log} && rm -f {log}", timeout=60)).returncode == 0}
+    if found:
+        pytest.fail("internal errors on the guests:\n" + "\n".join(f"{n}: {t[-3000:]}" for n, t in found.items()))
